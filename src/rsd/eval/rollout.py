@@ -1,0 +1,143 @@
+"""One LIBERO episode under the OpenVLA / OpenVLA-OFT evaluation protocol.
+
+Protocol (``shared/notes/design.md``, "LIBERO evaluation protocol"):
+
+1. ``env.seed(0)``, ``env.reset()``, ``obs = env.set_init_state(init_states[i])`` for trial ``i``;
+2. ``NUM_WARMUP_STEPS`` no-op steps ``[0, 0, 0, 0, 0, 0, -1]`` (objects settle; not counted);
+3. query the policy for a chunk, execute all its steps open loop (gripper binarized to -1/+1), query
+   again, until the env reports ``done`` (= success) or ``max_steps`` policy steps were taken.
+   Before each query ``obs["timestep"]`` is set to the policy steps taken so far (warm-up excluded),
+   the frame index the feature cache records for demonstrations.
+
+An exception anywhere in the episode is caught and returned in ``error`` with what was measured so far
+(``success`` is then False): the caller records it and goes on with the next episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from numbers import Number
+from typing import Any
+
+import numpy as np
+
+from rsd.envs.libero_env import MAX_STEPS, NOOP_ACTION, NUM_WARMUP_STEPS, TaskSpec
+
+
+@dataclass
+class EpisodeResult:
+    success: bool = False
+    steps: int = 0  # policy steps executed (warm-up excluded)
+    wall_time_s: float = 0.0  # whole episode incl. reset, warm-up and inference
+    inference_times_ms: list[float] = field(default_factory=list)  # one per policy query (chunk)
+    engine_stats: dict[str, Any] = field(default_factory=dict)  # per-chunk stats summed over the episode
+    action_digest: str | None = None  # hash of the executed actions (lossless modes give equal digests)
+    error: str | None = None
+    traceback: str | None = None
+    frames: list[np.ndarray] | None = None  # agentview RGB (upright), only when recorded
+
+    def to_record(self) -> dict:
+        rec = asdict(self)
+        rec.pop("frames")
+        rec["num_inferences"] = len(self.inference_times_ms)
+        return rec
+
+
+def binarize_gripper(action: np.ndarray) -> np.ndarray:
+    """-1 (open) / +1 (close): ``+1`` where the gripper command is > 0, else ``-1``."""
+    action = np.array(action, dtype=np.float64, copy=True)
+    action[..., -1] = np.where(action[..., -1] > 0, 1.0, -1.0)
+    return action
+
+
+def check_chunk(actions: Any) -> np.ndarray:
+    """A policy's output as ``[T, 7]`` float64; fails loudly on a wrong shape or non-finite values."""
+    arr = np.asarray(actions, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 7 or arr.shape[0] == 0:
+        raise ValueError(f"policy returned actions of shape {np.shape(actions)}; expected [T, 7] with T >= 1")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("policy returned non-finite actions")
+    return arr
+
+
+def accumulate_stats(total: dict[str, Any], stats: dict[str, Any] | None) -> None:
+    """Add one inference's numeric stats into ``total`` (numbers summed, equal-length lists summed
+    elementwise, other values kept from the last inference)."""
+    for key, value in (stats or {}).items():
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, Number):
+            total[key] = total.get(key, 0) + float(value)
+        elif isinstance(value, list | tuple | np.ndarray) and all(isinstance(v, Number) for v in value):
+            value = [float(v) for v in value]
+            prev = total.get(key)
+            total[key] = [a + b for a, b in zip(prev, value, strict=True)] if isinstance(prev, list) and len(
+                prev) == len(value) else value
+        else:
+            total[key] = value if not hasattr(value, "item") else value.item()
+
+
+def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, mode: str = "speculative",
+                trial: int = 0, max_steps: int | None = None, num_warmup_steps: int = NUM_WARMUP_STEPS,
+                record_frames: bool = False, camera: str = "agentview") -> EpisodeResult:
+    """Run one episode of ``task`` from ``init_state`` with ``policy`` (see the module docstring)."""
+    max_steps = MAX_STEPS[task.suite] if max_steps is None else int(max_steps)
+    res = EpisodeResult(frames=[] if record_frames else None)
+    t0 = time.perf_counter()
+
+    def grab(obs: dict) -> None:
+        if record_frames:
+            key = f"{camera}_image"
+            if key not in obs:
+                raise KeyError(f"video needs '{key}' in the observations (env built without cameras?)")
+            res.frames.append(np.ascontiguousarray(obs[key][::-1, ::-1]))
+
+    try:
+        if hasattr(policy, "bind_env"):
+            policy.bind_env(env)
+        env.seed(0)
+        env.reset()
+        obs = env.set_init_state(np.asarray(init_state))
+        policy.reset(task, mode, trial)
+        for _ in range(num_warmup_steps):
+            obs, _, _, _ = env.step(NOOP_ACTION)
+        grab(obs)
+        done = False
+        digest = hashlib.sha1()
+        while res.steps < max_steps and not done:
+            obs["timestep"] = res.steps  # policy steps since the episode start (what the feature cache stores)
+            t = time.perf_counter()
+            out = policy.act(obs, task.language)
+            actions, stats = out if isinstance(out, tuple) else (out, {})
+            res.inference_times_ms.append((time.perf_counter() - t) * 1e3)
+            accumulate_stats(res.engine_stats, stats)
+            for action in binarize_gripper(check_chunk(actions)):
+                digest.update(action.tobytes())
+                res.action_digest = digest.hexdigest()[:16]
+                obs, _, done, _ = env.step(action)
+                res.steps += 1
+                grab(obs)
+                if done or res.steps >= max_steps:
+                    break
+        res.success = bool(done)
+    except Exception as exc:  # recorded by the caller, never counted as a success
+        res.success = False
+        res.error = f"{type(exc).__name__}: {exc}"
+        res.traceback = traceback.format_exc(limit=8)
+    res.wall_time_s = time.perf_counter() - t0
+    return res
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int = 20) -> str:
+    """mp4 (H.264 via imageio-ffmpeg); LIBERO runs at 20 Hz, so ``fps=20`` is real time."""
+    import imageio
+
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(np.asarray(frame, dtype=np.uint8))
+    return path

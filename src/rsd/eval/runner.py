@@ -1,0 +1,572 @@
+"""Run many LIBERO episodes: work list, worker processes, JSONL log with resume, error capture.
+
+- The work list is every ``(task, trial, mode)`` of the request, in that order; trial ``i`` starts from
+  the task's fixed init state ``i``. ``mode=both`` puts the speculative and the baseline episode of the
+  same init state next to each other.
+- Every finished episode is appended to ``<out_dir>/episodes.jsonl`` at once (one JSON object a line,
+  flushed and fsynced by the main process only). A rerun with the same ``out_dir`` loads the file and
+  skips the episodes already there, so an interrupted evaluation loses at most the episodes that were
+  running. A half-written last line (a kill during the write) is dropped and its episode rerun.
+- An episode that raises is recorded with its error and traceback (``success: false``); a worker process
+  that dies (segfault, OOM kill) has its running episode recorded as an error and is replaced.
+- ``workers=N`` starts N processes with the *spawn* context; each builds its policy once (from the
+  picklable policy spec) and its env once per task. ``workers=0`` runs everything in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsd.envs.libero_env import MAX_STEPS, TaskSpec
+from rsd.eval.policy import MODES, spec_identity
+
+log = logging.getLogger(__name__)
+
+EPISODES_FILE = "episodes.jsonl"
+RUN_FILE = "eval_run.json"
+VIDEO_DIR = "videos"
+
+
+# --------------------------------------------------------------------------------------------------
+# Work list
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    task_id: int
+    trial: int
+    mode: str
+    video: bool = False
+
+    @property
+    def init_index(self) -> int:
+        return self.trial  # trial i starts from the task's fixed init state i
+
+    @property
+    def key(self) -> tuple:
+        return (self.suite, self.task_id, self.trial, self.mode)
+
+
+def record_key(rec: Mapping[str, Any]) -> tuple:
+    return (rec["suite"], int(rec["task_id"]), int(rec["trial"]), rec["mode"])
+
+
+def parse_modes(mode: str | Sequence[str]) -> list[str]:
+    """``speculative`` | ``baseline`` | ``both`` (or a list) -> the modes to run, in order."""
+    modes = list(MODES) if mode == "both" else ([mode] if isinstance(mode, str) else list(mode))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"mode must be one of {MODES} or 'both', got {mode!r}")
+    return modes
+
+
+def parse_trials(trials: int | Sequence[int]) -> list[int]:
+    """``trials=N`` -> trials 0..N-1; a list picks trials (init state indices) explicitly."""
+    if isinstance(trials, int):
+        if trials < 1:
+            raise ValueError(f"trials must be >= 1, got {trials}")
+        return list(range(trials))
+    out = sorted({int(t) for t in trials})
+    if not out or out[0] < 0:
+        raise ValueError(f"bad trial list {trials!r}")
+    return out
+
+
+def parse_video(video: Any, trials: Sequence[int]) -> set[int]:
+    """Which trials get an mp4: ``null``/``false``/``0`` none, ``N`` the first N trials of every task,
+    a list those trials, ``all``/``true`` every trial."""
+    if video is None or video is False or video == 0:
+        return set()
+    if video is True or video == "all":
+        return set(trials)
+    if isinstance(video, int):
+        return set(list(trials)[:video])
+    return {int(v) for v in video}
+
+
+def build_jobs(suite: str, task_ids: Iterable[int], trials: Sequence[int], modes: Sequence[str],
+               video_trials: set[int] | None = None) -> list[Job]:
+    video_trials = video_trials or set()
+    return [Job(suite, int(t), int(i), m, i in video_trials) for t in task_ids for i in trials for m in modes]
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL episode log
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so the file stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class EpisodeLog:
+    """Append-only JSONL file of episode records (the only writer is the main process)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> tuple[list[dict], int]:
+        """``(records, number of unreadable lines)``; a truncated last line counts as unreadable."""
+        if not self.path.exists():
+            return [], 0
+        records, bad = [], 0
+        with self.path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    record_key(rec)
+                    records.append(rec)
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    bad += 1
+                    log.warning("%s:%d: unreadable record dropped (interrupted write?)", self.path, lineno)
+        return records, bad
+
+    def rewrite(self, records: Sequence[dict]) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(_clean(rec), default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, rec: dict) -> None:
+        line = json.dumps(_clean(rec), default=_json_default) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """The episode records of a JSONL file (or of ``<dir>/episodes.jsonl``); last record per key wins."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / EPISODES_FILE
+    records, _ = EpisodeLog(path).read()
+    return list({record_key(r): r for r in records}.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Episode execution (same code in worker processes and inline)
+
+
+class PolicyBuildError(RuntimeError):
+    """The policy could not be built: every episode would fail the same way, so the run stops."""
+
+
+def make_video_env(task: TaskSpec, camera: str = "agentview", resolution: int = 256):
+    """A LIBERO env that renders only ``camera`` (for video of a state-based policy's episodes)."""
+    from rsd.envs.libero_setup import configure_libero
+
+    configure_libero()
+    from libero.libero.envs import OffScreenRenderEnv
+
+    env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_names=[camera],
+                             camera_heights=resolution, camera_widths=resolution)
+    env.seed(0)
+    return env
+
+
+@dataclass
+class EpisodeWorker:
+    """Builds the policy once and an env once per task; runs jobs into records."""
+
+    policy_spec: dict
+    out_dir: str
+    max_steps: int | None = None
+    video_fps: int = 20
+    worker_id: int = 0
+    policy: Any = None
+    _task_id: tuple | None = None
+    _task: TaskSpec | None = None
+    _init_states: np.ndarray | None = None
+    _envs: dict = field(default_factory=dict)
+
+    def _ensure_policy(self) -> Any:
+        if self.policy is None:
+            from rsd.eval.policy import build_policy
+
+            try:
+                self.policy = build_policy(self.policy_spec)
+            except Exception as exc:
+                raise PolicyBuildError(
+                    f"building the policy {self.policy_spec.get('factory')!r} failed: "
+                    f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=10)}") from exc
+        return self.policy
+
+    def _set_task(self, suite: str, task_id: int) -> None:
+        if self._task_id == (suite, task_id):
+            return
+        self.close_envs()
+        from rsd.envs.libero_env import get_init_states, get_task
+
+        self._task_id = None
+        self._task = get_task(suite, task_id)
+        self._init_states = get_init_states(suite, task_id)
+        self._task_id = (suite, task_id)
+
+    def _env(self, images: bool, video: bool) -> Any:
+        kind = "images" if images else ("video" if video else "physics")
+        if kind not in self._envs:
+            from rsd.envs.libero_env import make_env
+
+            self._envs[kind] = make_video_env(self._task) if kind == "video" else make_env(self._task, images)
+        return self._envs[kind]
+
+    def close_envs(self) -> None:
+        for env in self._envs.values():
+            try:
+                env.close()
+            except Exception:  # a broken env must not stop the run
+                log.debug("env.close failed", exc_info=True)
+        self._envs.clear()
+
+    def close(self) -> None:
+        self.close_envs()
+
+    def run(self, job: Job) -> dict:
+        from rsd.eval.rollout import EpisodeResult, run_episode, write_video
+
+        policy = self._ensure_policy()
+        t0 = time.perf_counter()
+        max_steps = MAX_STEPS[job.suite] if self.max_steps is None else int(self.max_steps)
+        task_name = instruction = None
+        video_path = None
+        try:
+            self._set_task(job.suite, job.task_id)
+            task_name, instruction = self._task.name, self._task.language
+            if job.init_index >= len(self._init_states):
+                raise IndexError(f"trial {job.trial}: task has only {len(self._init_states)} init states")
+            images = bool(getattr(policy, "needs_images", False))
+            env = self._env(images, job.video)
+            res = run_episode(env, policy, self._task, self._init_states[job.init_index], mode=job.mode,
+                              trial=job.trial,
+                              max_steps=max_steps, record_frames=job.video)
+            if res.error is not None:
+                self.close_envs()  # the env may be in a bad state: the next episode rebuilds it
+            if job.video and res.frames:
+                name = f"{job.suite}_task{job.task_id:02d}_trial{job.trial:02d}_{job.mode}_" \
+                       f"{'success' if res.success else 'failure'}.mp4"
+                (Path(self.out_dir) / VIDEO_DIR).mkdir(parents=True, exist_ok=True)
+                write_video(str(Path(self.out_dir) / VIDEO_DIR / name), res.frames, fps=self.video_fps)
+                video_path = f"{VIDEO_DIR}/{name}"
+        except Exception as exc:  # env build / init state / video failures
+            self.close_envs()
+            res = EpisodeResult(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8),
+                                wall_time_s=time.perf_counter() - t0)
+        return make_record(job, res.to_record(), task_name=task_name, instruction=instruction,
+                           max_steps=max_steps, video=video_path, worker=self.worker_id)
+
+
+def make_record(job: Job, result: Mapping[str, Any], **extra: Any) -> dict:
+    rec = {"suite": job.suite, "task_id": job.task_id, "trial": job.trial, "init_index": job.init_index,
+           "mode": job.mode}
+    rec.update(result)
+    rec.update(extra)
+    rec.update(pid=os.getpid(), host=socket.gethostname(),
+               finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))  # noqa: UP017
+    return rec
+
+
+def error_record(job: Job, message: str, max_steps: int | None, worker: int | None = None) -> dict:
+    from rsd.eval.rollout import EpisodeResult
+
+    return make_record(job, EpisodeResult(error=message).to_record(), task_name=None, instruction=None,
+                       max_steps=MAX_STEPS[job.suite] if max_steps is None else max_steps, video=None,
+                       worker=worker)
+
+
+def _worker_main(worker_id: int, conn: Any, policy_spec: dict, out_dir: str, max_steps: int | None,
+                 threads: int | None) -> None:
+    """Worker process: receive jobs over ``conn``, send back ``("done", record)`` / ``("fatal", msg)``."""
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
+    worker = EpisodeWorker(policy_spec, out_dir, max_steps, worker_id=worker_id)
+    try:
+        while True:
+            try:
+                job = conn.recv()
+            except (EOFError, OSError):  # the main process is gone
+                break
+            if job is None:
+                break
+            try:
+                rec = worker.run(job)
+            except PolicyBuildError as exc:
+                conn.send(("fatal", str(exc)))
+                break
+            conn.send(("done", rec))
+    except (KeyboardInterrupt, BrokenPipeError, EOFError):  # interrupted, or the main process is gone
+        pass
+    finally:
+        worker.close()
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+@dataclass
+class EvalRun:
+    """What one call evaluated: every record of the requested work list (old and new)."""
+
+    out_dir: Path
+    records: list[dict]  # in work-list order; fewer than ``total`` when stopped by ``max_episodes``
+    total: int  # episodes in the work list
+    new: int  # episodes run by this call
+    skipped: int  # episodes found in the log (resume)
+    max_steps: int
+
+
+def _check_run_identity(out_dir: Path, identity: dict, force: bool) -> None:
+    path = out_dir / RUN_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != identity and not force:
+            raise ValueError(
+                f"{out_dir} holds episodes of a different evaluation:\n  before: {old}\n  now:    {identity}\n"
+                "Use another out_dir, or resume_check=false to append anyway.")
+    path.write_text(json.dumps(identity, indent=2, default=_json_default) + "\n")
+
+
+def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Path,
+                   tasks: Sequence[int] | None = None, trials: int | Sequence[int] = 50,
+                   mode: str | Sequence[str] = "speculative", workers: int = 1, max_steps: int | None = None,
+                   video: Any = None, retry_errors: bool = False, max_episodes: int | None = None,
+                   progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
+                   max_worker_restarts: int | None = None) -> EvalRun:
+    """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list."""
+    if suite not in MAX_STEPS:
+        raise ValueError(f"unknown suite {suite!r}; one of {sorted(MAX_STEPS)}")
+    from rsd.envs.libero_env import get_init_states, num_tasks
+
+    out_dir = Path(out_dir)
+    policy_spec = dict(policy_spec)
+    n_tasks = num_tasks(suite)
+    task_ids = list(range(n_tasks)) if tasks is None else [int(t) for t in tasks]
+    bad = [t for t in task_ids if not 0 <= t < n_tasks]
+    if bad:
+        raise ValueError(f"{suite} has tasks 0..{n_tasks - 1}; got {bad}")
+    trial_list = parse_trials(trials)
+    n_init = min(len(get_init_states(suite, t)) for t in task_ids) if task_ids else 0
+    if trial_list and trial_list[-1] >= n_init:
+        raise ValueError(f"trial {trial_list[-1]} needs init state {trial_list[-1]}, but {suite} tasks have "
+                         f"{n_init} init states (trials=N allows N <= {n_init})")
+    modes = parse_modes(mode)
+    jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
+
+    identity = {"suite": suite, "max_steps": MAX_STEPS[suite] if max_steps is None else int(max_steps),
+                "policy": spec_identity(policy_spec)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_identity(out_dir, identity, force=not resume_check)
+
+    episode_log = EpisodeLog(out_dir / EPISODES_FILE)
+    old, bad_lines = episode_log.read()
+    by_key = {record_key(r): r for r in old}
+    dropped_errors = 0
+    if retry_errors:
+        wanted = {j.key for j in jobs}
+        for k in [k for k, r in by_key.items() if r.get("error") and k in wanted]:
+            del by_key[k]
+            dropped_errors += 1
+    if bad_lines or dropped_errors or len(by_key) != len(old):
+        episode_log.rewrite(list(by_key.values()))
+    todo = [j for j in jobs if j.key not in by_key]
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        log.info("Resuming in %s: %d of %d episodes already done%s", out_dir, skipped, len(jobs),
+                 f" ({dropped_errors} errored episodes rerun)" if dropped_errors else "")
+    if max_episodes is not None:
+        todo = todo[: max(0, int(max_episodes))]
+
+    new_records: list[dict] = []
+    if todo:
+        bar = _progress(len(todo), suite, progress)
+
+        def on_record(rec: dict) -> None:
+            episode_log.append(rec)
+            new_records.append(rec)
+            if bar is not None:
+                bar.update(1)
+                ok = sum(bool(r["success"]) for r in new_records)
+                errs = sum(bool(r.get("error")) for r in new_records)
+                bar.set_postfix(success=f"{ok}/{len(new_records)}", errors=errs)
+            if rec.get("error"):
+                log.warning("task %s trial %s %s: error: %s", rec["task_id"], rec["trial"], rec["mode"],
+                            rec["error"])
+
+        try:
+            if workers <= 0:
+                _run_inline(todo, policy_spec, out_dir, max_steps, on_record)
+            else:
+                threads = threads_per_worker or max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
+                _run_pool(todo, policy_spec, out_dir, max_steps, on_record, min(workers, len(todo)), threads,
+                          max_worker_restarts if max_worker_restarts is not None else 2 * workers + 2)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    final = {record_key(r): r for r in list(by_key.values()) + new_records}
+    records = [final[j.key] for j in jobs if j.key in final]
+    return EvalRun(out_dir=out_dir, records=records, total=len(jobs), new=len(new_records), skipped=skipped,
+                   max_steps=identity["max_steps"])
+
+
+def _progress(total: int, suite: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{suite}", unit="ep", dynamic_ncols=True)
+
+
+def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record) -> None:
+    worker = EpisodeWorker(policy_spec, str(out_dir), max_steps)
+    try:
+        for job in todo:
+            try:
+                rec = worker.run(job)
+            except PolicyBuildError as exc:
+                raise RuntimeError(str(exc)) from exc
+            on_record(rec)
+    finally:
+        worker.close()
+
+
+def _next_job(pending: deque, last: tuple | None) -> Job | None:
+    """The first pending job of the worker's current task (its env is built), else the first pending."""
+    if not pending:
+        return None
+    if last is not None:
+        for i, job in enumerate(pending):
+            if (job.suite, job.task_id) == last:
+                del pending[i]
+                return job
+    return pending.popleft()
+
+
+def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record,
+              workers: int, threads: int, max_restarts: int) -> None:
+    ctx = mp.get_context("spawn")
+    pending = deque(todo)
+    procs: dict[int, Any] = {}  # wid -> Process
+    conns: dict[int, Any] = {}  # wid -> Connection
+    running: dict[int, Job] = {}  # wid -> job in flight
+    last_task: dict[int, tuple] = {}
+    next_wid = 0
+    restarts = 0
+
+    def start_worker() -> int:
+        nonlocal next_wid
+        wid = next_wid
+        next_wid += 1
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        p = ctx.Process(target=_worker_main, name=f"rsd-eval-{wid}", daemon=True,
+                        args=(wid, child_conn, policy_spec, str(out_dir), max_steps, threads))
+        p.start()
+        child_conn.close()
+        procs[wid], conns[wid] = p, parent_conn
+        return wid
+
+    def dispatch(wid: int) -> None:
+        job = _next_job(pending, last_task.get(wid))
+        if job is None:
+            conns[wid].send(None)
+            return
+        running[wid] = job
+        last_task[wid] = (job.suite, job.task_id)
+        conns[wid].send(job)
+
+    def retire(wid: int) -> None:
+        conns.pop(wid).close()
+        procs.pop(wid).join(timeout=5)
+
+    clean = False
+    try:
+        for _ in range(workers):
+            dispatch(start_worker())
+        while procs:
+            ready = wait(list(conns.values()) + [p.sentinel for p in procs.values()], timeout=5.0)
+            for wid in list(procs):
+                conn, proc = conns[wid], procs[wid]
+                msg = None
+                if conn in ready or proc.sentinel in ready:
+                    try:
+                        if conn.poll():
+                            msg = conn.recv()
+                    except (EOFError, OSError):  # the worker died: reap it below
+                        proc.join(timeout=5)
+                if msg is not None:
+                    kind, payload = msg
+                    if kind == "fatal":
+                        raise RuntimeError(payload)
+                    running.pop(wid, None)
+                    on_record(payload)
+                    dispatch(wid)
+                    continue
+                if proc.is_alive():
+                    continue
+                proc.join()
+                job = running.pop(wid, None)
+                retire(wid)
+                if job is not None:
+                    on_record(error_record(job, f"WorkerDied: worker process exited with code {proc.exitcode} "
+                                                f"during the episode", max_steps, worker=wid))
+                if pending and (job is not None or proc.exitcode != 0):  # replace a dead worker
+                    restarts += 1
+                    if restarts > max_restarts:
+                        raise RuntimeError(f"worker processes died {restarts} times; giving up "
+                                           f"(last exit code {proc.exitcode})")
+                    dispatch(start_worker())
+        clean = True
+    finally:
+        # normal end: nothing is left; interrupt/fatal error: stop the workers now (their running
+        # episodes are not recorded and will be rerun on resume)
+        for p in procs.values():
+            if p.is_alive() and not clean:
+                p.terminate()
+        for p in procs.values():
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for c in conns.values():
+            c.close()

@@ -1,0 +1,295 @@
+"""LIBERO evaluation harness: protocol rollouts, workers, JSONL resume, error capture, summary.
+
+The simulator tests use short ``max_steps`` and trivial policies defined here (workers import this
+module by name: pytest puts ``tests/`` on ``sys.path`` and spawned workers inherit it; the evaluate.py
+subprocesses get it through ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rsd import PROJECT_ROOT
+from rsd.eval.policy import NoopPolicy, build_policy
+from rsd.eval.rollout import accumulate_stats, binarize_gripper, check_chunk
+from rsd.eval.runner import EPISODES_FILE, load_records, record_key, run_evaluation
+from rsd.eval.summary import format_guide_summary, summarize, task_table_markdown, write_summary
+
+TESTS_DIR = Path(__file__).resolve().parent
+SUITE = "libero_spatial"
+
+
+# --------------------------------------------------------------------------------------------------
+# Test policies (built in worker processes from a spec)
+
+
+class FaultyPolicy(NoopPolicy):
+    """A no-op policy that raises, kills its process, or interrupts the evaluation on chosen trials."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__(chunk_len=spec.get("chunk_len", 8))
+        self.raise_on = set(spec.get("raise_on") or [])
+        self.exit_on = set(spec.get("exit_on") or [])
+        self.interrupt_on = set(spec.get("interrupt_on") or [])
+        self.flag = spec.get("interrupt_flag")
+        self.wait_for = spec.get("wait_for")
+        self.trial = None
+
+    def reset(self, task, mode, trial=0):
+        self.trial = trial
+
+    def act(self, obs, instruction):
+        if self.trial in self.raise_on:
+            raise RuntimeError(f"policy failure on trial {self.trial}")
+        if self.trial in self.exit_on:
+            os._exit(3)  # a crash that takes the whole worker process down
+        if self.trial in self.interrupt_on and self.flag and not Path(self.flag).exists():
+            Path(self.flag).write_text("interrupted once")
+            log = Path(self.wait_for)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # let the other worker's episode be recorded first
+                if log.exists() and log.read_text().endswith("\n"):
+                    break
+                time.sleep(0.2)
+            os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C of the evaluation (main process)
+            time.sleep(120)
+        return super().act(obs, instruction)
+
+
+def make_faulty_policy(spec: dict) -> FaultyPolicy:
+    return FaultyPolicy(spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers (no simulator)
+
+
+def test_gripper_binarized_and_chunks_checked():
+    out = binarize_gripper(np.array([[0.1, 0, 0, 0, 0, 0, 0.3], [0, 0, 0, 0, 0, 0, -0.2], [0] * 7]))
+    assert out[:, -1].tolist() == [1.0, -1.0, -1.0]
+    assert out[0, 0] == 0.1
+    assert check_chunk(np.zeros(7)).shape == (1, 7)
+    with pytest.raises(ValueError):
+        check_chunk(np.zeros((8, 6)))
+    with pytest.raises(ValueError):
+        check_chunk(np.full((8, 7), np.nan))
+    total: dict = {}
+    accumulate_stats(total, {"draft_ms": 1.0, "accepted_per_layer": [1, 0, 0], "accepted_layers": 1})
+    accumulate_stats(total, {"draft_ms": 2.0, "accepted_per_layer": [1, 1, 0], "accepted_layers": 2})
+    assert total == {"draft_ms": 3.0, "accepted_per_layer": [2.0, 1.0, 0.0], "accepted_layers": 3.0}
+    assert isinstance(build_policy({"factory": "noop"}), NoopPolicy)
+
+
+def _rec(task, trial, mode, success, times, error=None, **engine):
+    return {"suite": SUITE, "task_id": task, "trial": trial, "init_index": trial, "mode": mode,
+            "success": success, "steps": 100 if success else 220, "wall_time_s": 5.0,
+            "inference_times_ms": times, "num_inferences": len(times), "engine_stats": engine,
+            "error": error, "task_name": f"task_{task}", "instruction": f"do task {task}", "video": None}
+
+
+def test_summary_numbers_from_fixture_jsonl(tmp_path):
+    recs = [
+        # speculative: 3 episodes, 2 successes, times 10, 20, 30, 40 ms; 6 of 12 drafted layers accepted
+        _rec(0, 0, "speculative", True, [10.0, 20.0], draft_ms=2.0, main_ms=10.0, drafted_layers=6,
+             accepted_layers=4, main_steps=12),
+        _rec(0, 1, "speculative", False, [30.0], draft_ms=1.0, main_ms=5.0, drafted_layers=3,
+             accepted_layers=0, main_steps=8),
+        _rec(1, 0, "speculative", True, [40.0], draft_ms=1.0, main_ms=5.0, drafted_layers=3,
+             accepted_layers=2, main_steps=6),
+        # baseline: 1 success of 3, one error; times 50 ms each
+        _rec(0, 0, "baseline", True, [50.0, 50.0], main_ms=80.0, main_steps=16),
+        _rec(0, 1, "baseline", False, [50.0], error="RuntimeError: boom", main_ms=40.0, main_steps=8),
+        _rec(1, 0, "baseline", False, [50.0], main_ms=40.0, main_steps=8),
+    ]
+    path = tmp_path / EPISODES_FILE
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"suite": "libero_spatial", "task_')
+    loaded = load_records(tmp_path)  # the truncated last line is dropped
+    assert len(loaded) == 6
+    s = summarize(loaded, suite=SUITE)
+    spec, base = s["modes"]["speculative"], s["modes"]["baseline"]
+    assert (spec["episodes"], spec["successes"], spec["errors"]) == (3, 2, 0)
+    assert spec["success_rate"] == pytest.approx(2 / 3)
+    assert spec["avg_inference_ms"] == pytest.approx(25.0)
+    assert spec["engine"]["inferences"] == 4
+    assert spec["engine"]["avg_draft_ms"] == pytest.approx(1.0)
+    assert spec["engine"]["avg_main_ms"] == pytest.approx(5.0)
+    assert spec["engine"]["acceptance_rate"] == pytest.approx(0.5)
+    assert spec["engine"]["mean_accepted_layers"] == pytest.approx(1.5)
+    assert spec["engine"]["main_steps_per_inference"] == pytest.approx(6.5)
+    assert spec["avg_steps_success"] == pytest.approx(100)
+    assert (base["successes"], base["errors"]) == (1, 1)
+    assert base["success_rate"] == pytest.approx(1 / 3)
+    assert base["success_rate_no_errors"] == pytest.approx(1 / 2)
+    cmp_ = s["comparison"]
+    assert cmp_["paired_episodes"] == 3
+    assert cmp_["speedup"] == pytest.approx(50.0 / 25.0)
+    assert cmp_["speedup_main"] == pytest.approx((160 / 4) / (20 / 4))
+    assert cmp_["success_rate_diff"] == pytest.approx(1 / 3)
+    assert (cmp_["both_success"], cmp_["only_speculative"], cmp_["only_baseline"], cmp_["neither"]) == (1, 1, 0, 1)
+    tasks = {row["task_id"]: row for row in s["per_task"]}
+    assert tasks[0]["modes"]["speculative"]["successes"] == 1
+    assert tasks[1]["modes"]["speculative"]["success_rate"] == 1.0
+    assert s["num_errors"] == 1
+    text = format_guide_summary(s)
+    for line in ("Task Suite: libero_spatial", "Total Episodes: 3", "Total Successes: 2", "Success Rate: 66.7%",
+                 "Avg Inference Time: 25.0 ms", "Speculative Decoding: True", "Speculative Decoding: False",
+                 "Total Inferences: 4", "Avg Draft Time: 1.0 ms", "Avg Main Time: 5.0 ms",
+                 "Acceptance Rate: 50.0%", "Speedup (baseline / speculative inference time): 2.00x"):
+        assert line in text, line
+    md = task_table_markdown(s)
+    assert "| 0 | do task 0 | 1/2 (50%) | 1/2 (50%), 1 err |" in md
+    assert "| all |  | 2/3 (67%) | 1/3 (33%), 1 err |" in md
+    paths = write_summary(tmp_path, s)
+    assert json.loads(paths["json"].read_text())["modes"]["speculative"]["successes"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Simulator
+
+
+def _keys(records):
+    return [record_key(r) for r in records]
+
+
+def _evaluate_cmd(out_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(PROJECT_ROOT / "evaluate.py"), f"out_dir={out_dir}", f"suite={SUITE}",
+            "tasks=[0]", "trials=2", "workers=2", "max_steps=8", "progress=false",
+            "policy.factory=test_evaluation:make_faulty_policy", *overrides]
+
+
+@pytest.mark.sim
+def test_interrupted_evaluation_resumes_without_losing_or_repeating(tmp_path):
+    out = tmp_path / "out"
+    flag = tmp_path / "interrupted.flag"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+               WANDB_SILENT="true")
+    env.pop("WANDB_MODE", None)
+    policy = ["+policy.interrupt_on=[1]", f"+policy.interrupt_flag={flag}",
+              f"+policy.wait_for={out / EPISODES_FILE}"]
+    # 1) trial 1's policy presses Ctrl-C once trial 0 (the other worker) is recorded
+    first = subprocess.run(_evaluate_cmd(out, *policy, "wandb=false"), env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert flag.exists()
+    before = load_records(out)
+    assert _keys(before) == [(SUITE, 0, 0, "speculative")]
+    with open(out / EPISODES_FILE, "a") as f:  # and a write cut off by the kill
+        f.write('{"suite": "libero_spatial", "task_id": 0, "trial": 1, "mo')
+    # 2) the same command resumes: only trial 1 runs (with a video), then summary, tables, W&B
+    second = subprocess.run(_evaluate_cmd(out, *policy, "video=all", "wandb_mode=offline"), env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = (out / EPISODES_FILE).read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    assert sorted(_keys(recs)) == [(SUITE, 0, 0, "speculative"), (SUITE, 0, 1, "speculative")]
+    assert recs[0] == before[0]  # kept, not rerun
+    new = recs[1]
+    assert new["error"] is None and new["success"] is False and new["steps"] == 8
+    assert new["num_inferences"] == 1 and len(new["inference_times_ms"]) == 1
+    assert new["video"] and (out / new["video"]).stat().st_size > 0
+    assert new["task_name"] and new["instruction"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["resumed_episodes"] == 1 and summary["new_episodes"] == 1
+    assert summary["modes"]["speculative"]["episodes"] == 2
+    assert (out / "tasks.md").read_text().count("0/2 (0%)") == 2
+    assert "Total Episodes: 2" in (out / "summary.txt").read_text()
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert "Success Rate: 0.0%" in second.stdout
+
+
+@pytest.mark.sim
+def test_failing_episodes_are_recorded_and_the_rest_go_on(tmp_path):
+    spec = {"factory": "test_evaluation:make_faulty_policy", "raise_on": [0], "exit_on": [1]}
+    run = run_evaluation(SUITE, spec, tmp_path, tasks=[0], trials=3, workers=1, max_steps=8, progress=False)
+    assert run.total == 3 and run.new == 3
+    assert _keys(run.records) == [(SUITE, 0, t, "speculative") for t in range(3)]
+    raised, died, ok = run.records
+    assert raised["success"] is False and raised["error"] == "RuntimeError: policy failure on trial 0"
+    assert "policy failure" in raised["traceback"]
+    assert died["success"] is False and died["error"].startswith("WorkerDied") and "code 3" in died["error"]
+    assert ok["error"] is None and ok["steps"] == 8 and ok["num_inferences"] == 1
+    assert ok["worker"] != raised["worker"]  # a new worker replaced the dead one
+    assert len(load_records(tmp_path)) == 3
+    # resume: nothing left to do
+    again = run_evaluation(SUITE, spec, tmp_path, tasks=[0], trials=3, workers=0, max_steps=8, progress=False,
+                           retry_errors=False)
+    assert again.new == 0 and again.skipped == 3
+
+
+@pytest.mark.sim
+def test_expert_policy_success_is_counted(tmp_path):
+    pytest.importorskip("rsd.envs.expert")
+    run = run_evaluation(SUITE, {"factory": "expert"}, tmp_path, tasks=[0], trials=[0], workers=0,
+                         progress=False)
+    (rec,) = run.records
+    assert rec["error"] is None, rec["traceback"]
+    assert rec["success"] is True and 50 < rec["steps"] < 220
+    assert rec["num_inferences"] == rec["steps"]  # chunk_len 1: closed loop
+
+
+def _tiny_engine_artifacts(root: Path) -> dict:
+    """A sim_state backbone, RFSQ tokenizer, main decoder and draft (random weights) saved the way
+    training exports them, with the draft's cache identity naming the backbone."""
+    import torch
+
+    from rsd.models.backbones import build_backbone
+    from rsd.models.checkpoint import save_draft_checkpoint
+    from rsd.models.draft import RFSQDraftModelWithProjection
+    from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+    from rsd.tokenizer import RFSQTokenizer
+
+    torch.manual_seed(0)
+    bb = build_backbone("sim_state", hidden_dim=256, linear_dim=64, axis_freqs=1)
+    bb.fit(np.random.default_rng(0).normal(size=(16, len(bb.feature_names))))
+    tok = RFSQTokenizer(hidden_dim=32, mlp_depth=1)
+    tok.normalizer.fit(np.random.default_rng(1).uniform(-0.5, 0.5, size=(64, 7)))
+    tok_path = tok.save(root / "rfsq.pt")
+    identity = {"backbone_id": bb.backbone_id, "backbone_name": "sim_state", "hidden_dim": 256,
+                "tokenizer": RFSQTokenizer.load(tok_path).identity(), "suite": SUITE,
+                "backbone_config": bb.config()}
+    main = RFSQMainDecoder(input_dim=256, d_model=32, num_blocks=1, num_heads=2, ff_dim=64)
+    save_main_decoder(main, root / "logs" / "main_head" / "runs" / "r1" / "main_decoder.pt", data=identity)
+    draft_cfg = dict(input_dim=256, hidden_dim=32, feedforward_dim=64)
+    draft = RFSQDraftModelWithProjection(**draft_cfg)
+    save_draft_checkpoint(root / "logs" / "draft_proj" / "runs" / "r1" / "best_draft_with_projection.pt",
+                          draft.state_dict(), None, 0, 0.5, draft_cfg, cache_manifest=identity)
+    return {"tokenizer": str(tok_path), "log_dir": str(root / "logs")}
+
+
+@pytest.mark.sim
+def test_engine_policy_both_modes_on_the_same_init_states(tmp_path):
+    from rsd.eval.policy import resolve_policy_spec
+
+    art = _tiny_engine_artifacts(tmp_path)
+    spec = resolve_policy_spec({"factory": "engine", "suite": SUITE, "ckpt": "best", "log_dir": art["log_dir"],
+                                "tokenizer": art["tokenizer"], "main_ckpt": None, "backbone": None,
+                                "device": "auto", "acceptance": "strict", "delta": 1, "tau": None,
+                                "chunk_len": 8})
+    assert spec["ckpt"].endswith("r1/best_draft_with_projection.pt")
+    assert spec["main_ckpt"].endswith("r1/main_decoder.pt")
+    run = run_evaluation(SUITE, spec, tmp_path / "out", tasks=[0], trials=[0], mode="both", workers=0,
+                         max_steps=24, progress=False)
+    spec_rec, base_rec = run.records
+    assert (spec_rec["mode"], base_rec["mode"]) == ("speculative", "baseline")
+    for rec in run.records:
+        assert rec["error"] is None, rec["traceback"]
+        assert rec["num_inferences"] == 3 and rec["steps"] == 24
+    n = spec_rec["num_inferences"]
+    eng = spec_rec["engine_stats"]
+    assert eng["drafted_layers"] == 3 * n and 0 <= eng["accepted_layers"] <= 3 * n
+    assert eng["main_steps"] == 8 * n - eng["accepted_layers"]
+    assert base_rec["engine_stats"]["main_steps"] == 8 * n and "drafted_layers" not in base_rec["engine_stats"]
+    # strict speculative decoding is lossless: the same actions were executed from the same init state
+    assert spec_rec["action_digest"] == base_rec["action_digest"]
+    s = summarize(run.records, suite=SUITE)
+    assert s["comparison"]["identical_actions"] == 1 and s["comparison"]["speedup"] > 0
+    assert s["modes"]["speculative"]["engine"]["acceptance_rate"] is not None
