@@ -1,0 +1,464 @@
+"""Decode benchmark of RSDInferenceEngine: baseline vs strict vs relaxed speculative, side by side.
+
+Every held-out sample is decoded by the three engines in turn (rotating order, same process, same
+models), so the speedups compare like with like on a shared machine. Printed per mode: main calls
+per chunk, acceptance, mean accepted length, ms per chunk (draft, main, RFSQ decode, total), speedup
+of the token decoding (draft + main) and of the whole chunk vs the baseline, the ideal speedup given
+the measured acceptance (baseline main calls / speculative main calls: the speedup if a verification
+call cost one sequential step and the draft were free), and agreement with the baseline's tokens and
+actions.
+
+Real models::
+
+    .venv/bin/python scripts/benchmark_engine.py --cache-dir data/cache/sim_state_libero_spatial \\
+        --draft best --main best [--tokenizer data/tokenizers/rfsq_libero_spatial.pt] [--samples 200]
+
+``--draft best`` / ``--main best``: the newest export under ``logs/draft_proj`` / ``logs/main_head``.
+
+Synthetic (no data, no checkpoints)::
+
+    .venv/bin/python scripts/benchmark_engine.py --synthetic [--sweep]
+
+trains, on a synthetic task (hidden = class prototype + noise, tokens = the class's fixed table),
+a default-size main decoder on the true tokens and a default-size draft on coarse targets corrupted
+for a chosen share of the classes (``--draft-profile``: fractions of classes whose draft stops at
+layer 3 (= all right), 2, 1, 0), so the strict acceptance is known in advance. The corrupted
+layers are one level off on 8 tokens, so relaxed (delta=1) accepts them. ``--sweep`` adds a table of
+strict speedup against acceptance (the trained draft's proposals corrupted at a given rate).
+
+Batch 1 (the robot's case) and one intra-op thread by default (on a shared 2-core machine extra
+threads only add contention). Use ``--device cuda`` on a GPU (the engine then times with CUDA events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsd import PROJECT_ROOT
+from rsd.engine import RSDInferenceEngine
+from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.models.main_decoder import RFSQMainDecoder, load_main_decoder
+from rsd.tokenizer.layout import NUM_LAYERS, NUM_LEVELS
+
+MODES = ("baseline", "strict", "relaxed")
+
+
+# ---------------------------------------------------------------------- synthetic task
+def bump(layer: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """``[..., P]`` with the first ``n`` tokens moved one level (down at the top level)."""
+    out = layer.clone()
+    head = out[..., :n]
+    out[..., :n] = torch.where(head >= NUM_LEVELS - 1, head - 1, head + 1)
+    return out
+
+
+def synthetic_task(args) -> dict:
+    g = torch.Generator().manual_seed(args.seed)
+    c, d = args.classes, args.hidden_dim
+    protos = torch.randn(c, d, generator=g)
+    tables = torch.randint(0, NUM_LEVELS, (c, NUM_LAYERS, 128), generator=g)
+    profile = torch.tensor([float(x) for x in args.draft_profile.split(",")])
+    if profile.numel() != 4 or (profile < 0).any() or profile.sum() <= 0:
+        raise SystemExit("--draft-profile needs 4 non-negative fractions (draft right up to layer 3,2,1,0)")
+    counts = torch.round(profile / profile.sum() * c).long()
+    counts[0] += c - counts.sum()
+    stop = torch.cat([torch.full((int(n),), 3 - i) for i, n in enumerate(counts)])  # accepted length per class
+    stop = stop[torch.randperm(c, generator=g)]
+
+    def sample(n: int, seed: int):
+        gg = torch.Generator().manual_seed(seed)
+        cls = torch.randint(0, c, (n,), generator=gg)
+        return protos[cls] + args.noise * torch.randn(n, d, generator=gg), tables[cls], cls
+
+    draft_tables = tables[:, :3].clone()
+    for k in range(c):
+        if stop[k] < 3:
+            draft_tables[k, stop[k]] = bump(draft_tables[k, stop[k]])
+    return dict(sample=sample, tables=tables, draft_tables=draft_tables, stop=stop,
+                expected_acceptance=float(stop.float().mean()) / 3)
+
+
+def _fit(model, loss_fn, sample, steps: int, lr: float, bs: int, name: str) -> None:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(steps // 10, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0))
+    t0 = time.perf_counter()
+    for step in range(steps):
+        hidden, tokens, cls = sample(bs, 1000 + step)
+        loss = loss_fn(model, hidden, tokens, cls)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(steps // 5, 1) == 0:
+            print(f"  [{name}] step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    model.eval()
+
+
+SYNTHETIC_KEYS = ("seed", "classes", "hidden_dim", "noise", "draft_profile", "train_steps", "train_batch",
+                  "main_width", "main_blocks")
+
+
+def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection, dict]:
+    task = synthetic_task(args)
+    torch.manual_seed(args.seed)
+    main = RFSQMainDecoder(input_dim=args.hidden_dim, d_model=args.main_width, num_blocks=args.main_blocks,
+                           ff_dim=4 * args.main_width, dropout=0.0)
+    draft = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+    print(f"synthetic task: {args.classes} classes, hidden {args.hidden_dim}, main {main.num_parameters() / 1e6:.1f}M "
+          f"params, draft {sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M; designed strict acceptance "
+          f"{task['expected_acceptance']:.3f} (uniform over classes)", flush=True)
+    key = {k: getattr(args, k) for k in SYNTHETIC_KEYS}
+    saved = Path(args.synthetic_models) if args.synthetic_models else None
+    if saved is not None and saved.is_file():
+        payload = torch.load(saved, weights_only=True)
+        if payload.get("key") == key and (payload.get("clean") is not None or not args.sweep):
+            main.load_state_dict(payload["main"])
+            draft.load_state_dict(payload["draft"])
+            clean = None
+            if args.sweep:
+                clean = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+                clean.load_state_dict(payload["clean"])
+            print(f"loaded the trained synthetic models from {saved}", flush=True)
+            hidden, tokens, cls = task["sample"](args.samples * args.batch_size, 7)
+            return main.eval(), draft.eval(), dict(hidden=hidden, tokens=tokens, cls=cls, actions=None, task=task,
+                                                   source="synthetic", clean_draft=None if clean is None else clean.eval())
+        print(f"{saved} was made with other settings: retraining", flush=True)
+
+    def main_loss(m, hidden, tokens, cls):
+        logits = m(hidden, tokens[:, : NUM_LAYERS - 1])
+        return F.cross_entropy(logits.reshape(-1, NUM_LEVELS), tokens.reshape(-1))
+
+    def draft_loss(m, hidden, tokens, cls):
+        return F.cross_entropy(m(hidden).reshape(-1, NUM_LEVELS), task["draft_tables"][cls].reshape(-1))
+
+    _fit(main, main_loss, task["sample"], args.train_steps, 1e-3, args.train_batch, "main")
+    _fit(draft, draft_loss, task["sample"], args.train_steps, 1e-3, args.train_batch, "draft")
+    clean = None
+    if args.sweep:  # a second draft trained on the true coarse layers, corrupted at a chosen rate in the sweep
+        torch.manual_seed(args.seed + 1)
+        clean = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+
+        def clean_loss(m, hidden, tokens, cls):
+            return F.cross_entropy(m(hidden).reshape(-1, NUM_LEVELS), tokens[:, :3].reshape(-1))
+
+        _fit(clean, clean_loss, task["sample"], args.train_steps, 1e-3, args.train_batch, "clean draft")
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "main": main.state_dict(), "draft": draft.state_dict(),
+                    "clean": None if clean is None else clean.state_dict()}, saved)
+    hidden, tokens, cls = task["sample"](args.samples * args.batch_size, 7)
+    return main, draft, dict(hidden=hidden, tokens=tokens, cls=cls, actions=None, task=task, source="synthetic",
+                             clean_draft=clean)
+
+
+# ---------------------------------------------------------------------- real checkpoints and cache
+def _newest(pattern: str) -> Path:
+    found = sorted((PROJECT_ROOT / "logs").glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no file matches logs/{pattern}; train it first or pass a path")
+    return found[-1]
+
+
+def load_real(args):
+    from rsd.data.cache import open_cache
+    from rsd.models.checkpoint import load_draft_checkpoint, resolve_draft_checkpoint
+
+    if not (args.cache_dir and args.draft and args.main):
+        raise SystemExit("give --cache-dir, --draft and --main (or --synthetic)")
+    main_path = _newest("main_head/runs/*/main_decoder.pt") if args.main == "best" else Path(args.main)
+    main = load_main_decoder(main_path)
+    draft, info = load_draft_checkpoint(resolve_draft_checkpoint(args.draft))
+    manifest, arrays = open_cache(args.cache_dir)
+    d = int(manifest["backbone"]["hidden_dim"])
+    if main.input_dim != d or draft.input_dim != d:
+        raise SystemExit(f"hidden sizes differ: cache {d}, main {main.input_dim}, draft {draft.input_dim}")
+    val = np.nonzero(np.asarray(arrays["split"]) == 1)[0]
+    n = min(len(val), args.samples * args.batch_size)
+    rows = np.sort(np.random.default_rng(args.seed).choice(val, size=n, replace=False))
+    hidden = torch.from_numpy(np.asarray(arrays["hidden"][rows], dtype=np.float32))
+    tokens = torch.from_numpy(np.asarray(arrays["tokens"][rows]).astype(np.int64))
+    actions = torch.from_numpy(np.asarray(arrays["actions"][rows], dtype=np.float32))
+    tok_path = args.tokenizer or (manifest.get("tokenizer") or {}).get("path")
+    print(f"main {main_path}, draft {info['path']}, cache {args.cache_dir} ({n} held-out frames), "
+          f"tokenizer {tok_path}", flush=True)
+    return main, draft, dict(hidden=hidden, tokens=tokens, actions=actions, tokenizer_path=tok_path,
+                             source=str(args.cache_dir))
+
+
+def load_tokenizer(path: str | None):
+    from rsd.tokenizer.rfsq import RFSQTokenizer
+
+    if path and Path(path).is_file():
+        return RFSQTokenizer.load(path), str(path)
+    torch.manual_seed(0)  # an untrained tokenizer: decode cost is the same, the actions mean nothing
+    return RFSQTokenizer().eval(), "untrained RFSQTokenizer() (timing of the decode only)"
+
+
+# ---------------------------------------------------------------------- measurement
+class CorruptedDraft:
+    """The draft's proposals, with layer 0 corrupted on a seeded share ``1 - rate`` of the calls."""
+
+    def __init__(self, draft, rate: float, seed: int = 0) -> None:
+        self.draft, self.rate = draft, rate
+        self.num_coarse_layers = draft.num_coarse_layers
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.draft.propose(hidden)
+        bad = torch.from_numpy(self.rng.random(hidden.shape[0]) >= self.rate)
+        out[bad, 0] = bump(out[bad, 0])
+        return out
+
+
+def run_modes(engines: dict, hidden: torch.Tensor, batch: int, warmup: int) -> dict:
+    n = hidden.shape[0] // batch
+    for eng in engines.values():
+        for i in range(min(warmup, n)):
+            eng.predict(hidden[i * batch:(i + 1) * batch])
+        eng.reset_stats()
+    names = list(engines)
+    res = {m: {"tokens": [], "actions": [], "times": []} for m in names}
+    for i in range(n):
+        h = hidden[i * batch:(i + 1) * batch]
+        for j in range(len(names)):
+            m = names[(i + j) % len(names)]
+            out = engines[m].predict(h)
+            res[m]["tokens"].append(out.tokens.cpu())
+            res[m]["actions"].append(None if out.actions is None else out.actions.cpu())
+            res[m]["times"].append(out.times)
+    for m in names:
+        r = res[m]
+        r["tokens"] = torch.cat(r["tokens"])
+        r["actions"] = None if r["actions"][0] is None else torch.cat(r["actions"])
+        r["stats"] = engines[m].stats
+    return res
+
+
+def _med(times: list[dict], keys: tuple[str, ...]) -> float:
+    return 1e3 * statistics.median(sum(t.get(k, 0.0) for k in keys) for t in times)
+
+
+def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tensor | None = None) -> list[dict]:
+    base = res["baseline"]
+    b_stats = base["stats"]
+    b_tok_ms = b_stats.ms_per_chunk("draft") + b_stats.ms_per_chunk("main")
+    b_tok_med = _med(base["times"], ("draft", "main"))
+    rows = []
+    for m, r in res.items():
+        s = r["stats"]
+        tok_ms = s.ms_per_chunk("draft") + s.ms_per_chunk("main")
+        calls = s.main_calls_per_chunk
+        row = {
+            "mode": m,
+            "chunks": s.samples,
+            "main_calls_per_chunk": calls,
+            "acceptance": s.acceptance_rate,
+            "mean_accepted_length": s.mean_accepted_length,
+            "per_layer_acceptance": s.per_layer_acceptance,
+            "main_steps_saved_per_chunk": s.main_steps_saved / s.inferences,
+            "draft_ms": s.ms_per_chunk("draft"),
+            "main_ms": s.ms_per_chunk("main"),
+            "decode_ms": s.ms_per_chunk("decode"),
+            "total_ms": s.ms_per_chunk("total"),
+            "token_decode_ms": tok_ms,
+            "speedup": b_tok_ms / tok_ms,
+            "speedup_median": b_tok_med / _med(r["times"], ("draft", "main")),
+            "speedup_total": b_stats.ms_per_chunk("total") / s.ms_per_chunk("total"),
+            "ideal_speedup": NUM_LAYERS / calls,
+            "token_agreement": float((r["tokens"] == base["tokens"]).float().mean()),
+            "chunk_agreement": float((r["tokens"] == base["tokens"]).flatten(1).all(1).float().mean()),
+            "gt_token_accuracy": None if gt_tokens is None else float((r["tokens"] == gt_tokens).float().mean()),
+        }
+        if r["actions"] is not None:
+            row["action_max_abs_diff"] = float((r["actions"] - base["actions"]).abs().max())
+            row["action_mean_abs_diff"] = float((r["actions"] - base["actions"]).abs().mean())
+            if gt_actions is not None:  # raw units, all 7 dims (gripper binarized in the prediction)
+                row["action_mae_vs_gt"] = float((r["actions"] - gt_actions).abs().mean())
+        rows.append(row)
+    return rows
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("| mode | main calls/chunk | acceptance | mean acc. len | per-layer acc. | draft ms | main ms | "
+            "decode ms | total ms | speedup (draft+main) | median speedup | speedup (total) | ideal | "
+            "token agr. | chunk agr. | GT token acc. | action max diff |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        pla = "/".join(_f(v, ".2f") for v in r["per_layer_acceptance"]) if r["mode"] != "baseline" else "-"
+        print(f"| {r['mode']} | {r['main_calls_per_chunk']:.2f} | {_f(r['acceptance'], '.3f')} | "
+              f"{_f(r['mean_accepted_length'], '.2f')} | {pla} | {r['draft_ms']:.2f} | {r['main_ms']:.2f} | "
+              f"{r['decode_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_median']:.2f}x | "
+              f"{r['speedup_total']:.2f}x | {r['ideal_speedup']:.2f}x | {r['token_agreement']:.4f} | "
+              f"{r['chunk_agreement']:.3f} | {_f(r['gt_token_accuracy'], '.4f')} | "
+              f"{_f(r.get('action_max_abs_diff'), '.2e')} |")
+
+
+def component_costs(main, draft, hidden: torch.Tensor, reps: int = 30) -> dict:
+    """Isolated per-call costs (ms): draft, first main step, one incremental step, verification call."""
+    def t(fn) -> float:
+        for _ in range(5):
+            fn()
+        vals = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if hidden.is_cuda:
+                torch.cuda.synchronize()
+            vals.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(vals)
+
+    with torch.inference_mode():
+        drafted = draft.propose(hidden)
+        cache = main.new_cache(hidden.shape[0])
+        main.score(hidden, None, cache)
+        prev = torch.zeros_like(drafted[:, :1])
+
+        def step():
+            cache.truncate(1)
+            main.extend(prev, cache)
+
+        return {"draft": t(lambda: draft.propose(hidden)),
+                "main_first": t(lambda: main.score(hidden, None, main.new_cache(hidden.shape[0]))),
+                "main_step": t(step),
+                "main_verify": t(lambda: main.score(hidden, drafted, main.new_cache(hidden.shape[0])))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", action="store_true", help="train a synthetic main/draft pair (no data needed)")
+    p.add_argument("--cache-dir", help="feature cache folder (held-out = split 1)")
+    p.add_argument("--draft", help="draft checkpoint (best_draft_with_projection.pt) or 'best'")
+    p.add_argument("--main", help="main decoder file (main_decoder.pt) or 'best'")
+    p.add_argument("--tokenizer", help="RFSQ tokenizer file (default: the cache manifest's)")
+    p.add_argument("--samples", type=int, default=100, help="chunks (batches) per mode")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--delta", type=int, default=1, help="relaxed: max level distance (-1 disables)")
+    p.add_argument("--tau", type=float, default=-1.0, help="relaxed: min fraction of equal tokens (<0 disables)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    g = p.add_argument_group("synthetic task")
+    g.add_argument("--classes", type=int, default=32)
+    g.add_argument("--hidden-dim", type=int, default=4096)
+    g.add_argument("--noise", type=float, default=0.3)
+    g.add_argument("--draft-profile", default="0.8,0.1,0.05,0.05",
+                   help="fractions of classes whose drafted prefix is right up to layer 3,2,1,0")
+    g.add_argument("--train-steps", type=int, default=150)
+    g.add_argument("--train-batch", type=int, default=32)
+    g.add_argument("--main-width", type=int, default=512)
+    g.add_argument("--main-blocks", type=int, default=6)
+    g.add_argument("--synthetic-models", help="reuse the trained synthetic models from this file (written if absent)")
+    g.add_argument("--sweep", action="store_true", help="also: strict speedup vs acceptance (0, .25, .5, .75, .9, 1)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.synthetic:
+        main_model, draft, data = train_synthetic(args)
+        tokenizer, tok_desc = load_tokenizer(args.tokenizer)
+    else:
+        main_model, draft, data = load_real(args)
+        tokenizer, tok_desc = load_tokenizer(data.get("tokenizer_path"))
+    print(f"setup {time.perf_counter() - t0:.0f} s; tokenizer: {tok_desc}", flush=True)
+    main_model = main_model.to(device=device, dtype=dtype).eval()
+    draft = draft.to(device=device, dtype=dtype).eval()
+    tokenizer = tokenizer.to(device)
+    hidden = data["hidden"].to(device)
+
+    delta = None if args.delta < 0 else args.delta
+    tau = None if args.tau < 0 else args.tau
+    engines = {
+        "baseline": RSDInferenceEngine(main_model, tokenizer=tokenizer, mode="baseline"),
+        "strict": RSDInferenceEngine(main_model, draft, tokenizer, mode="strict"),
+        "relaxed": RSDInferenceEngine(main_model, draft, tokenizer, mode="relaxed", delta=delta, tau=tau),
+    }
+    costs = component_costs(main_model, draft, hidden[: args.batch_size].to(dtype))
+    n_main = main_model.num_parameters()
+    n_draft = sum(p.numel() for p in draft.parameters())
+    machine = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                  f", {torch.get_num_threads()} thread(s)")
+    print(f"\nmachine: {machine}; dtype {args.dtype}; batch {args.batch_size}; {hidden.shape[0] // args.batch_size} "
+          f"chunks per mode; main {n_main / 1e6:.1f}M params, draft {n_draft / 1e6:.1f}M")
+    print("isolated call costs (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
+          + f"; verify/step {costs['main_verify'] / costs['main_step']:.2f}, draft/step "
+          f"{costs['draft'] / costs['main_step']:.2f}")
+    res = run_modes(engines, hidden, args.batch_size, args.warmup)
+    gt = data["tokens"][: res["baseline"]["tokens"].shape[0]]
+    gt_actions = None if data.get("actions") is None else data["actions"][: gt.shape[0]]
+    rows = summarize(res, gt, gt_actions)
+    print(f"\nrelaxed: delta={delta}, tau={tau}")
+    if "task" in data:
+        n_chunks = res["baseline"]["tokens"].shape[0]
+        designed = float(data["task"]["stop"][data["cls"][:n_chunks]].float().mean()) / 3
+        print(f"designed strict acceptance on these samples (synthetic): {designed:.3f}")
+    print()
+    print_table(rows)
+    strict = next(r for r in rows if r["mode"] == "strict")
+    # cost model: what the measured per-call costs predict for the measured acceptance
+    a = strict["mean_accepted_length"]
+    model_pred = (costs["main_first"] + (NUM_LAYERS - 1) * costs["main_step"]) / (
+        costs["draft"] + costs["main_verify"] + (NUM_LAYERS - 1 - a) * costs["main_step"])
+    if gt_actions is not None:
+        print("\naction MAE vs the cache's ground-truth chunks (raw units): "
+              + ", ".join(f"{r['mode']} {r.get('action_mae_vs_gt', float('nan')):.4f}" for r in rows))
+    print(f"\nstrict: {strict['speedup']:.2f}x measured (median {strict['speedup_median']:.2f}x), "
+          f"{strict['ideal_speedup']:.2f}x ideal (main calls), {model_pred:.2f}x predicted from isolated call costs; "
+          f"tokens identical to baseline: {strict['chunk_agreement'] == 1.0}")
+
+    sweep_rows = []
+    if args.sweep:
+        inner = data.get("clean_draft")
+        what = "a draft trained on the true coarse layers" if inner is not None else "the draft"
+        inner = (inner if inner is not None else draft).to(device=device, dtype=dtype).eval()
+        print(f"\nstrict speedup vs acceptance ({what}; its layer 0 corrupted on a seeded share 1 - r of the calls):\n")
+        print("| r | acceptance | main calls/chunk | speedup (draft+main) | median | ideal | identical |")
+        print("|---|---|---|---|---|---|---|")
+        for rate in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
+            eng = {"baseline": engines["baseline"],
+                   "strict": RSDInferenceEngine(main_model, CorruptedDraft(inner, rate, args.seed), tokenizer,
+                                                mode="strict")}
+            r = summarize(run_modes(eng, hidden, args.batch_size, args.warmup), gt)[1]
+            r["target_rate_of_full_acceptance"] = rate
+            sweep_rows.append(r)
+            print(f"| {rate:.2f} | {r['acceptance']:.3f} | {r['main_calls_per_chunk']:.2f} | {r['speedup']:.2f}x | "
+                  f"{r['speedup_median']:.2f}x | {r['ideal_speedup']:.2f}x | {r['chunk_agreement'] == 1.0} |",
+                  flush=True)
+    if args.out:
+        out = {"machine": machine, "dtype": args.dtype, "batch_size": args.batch_size, "source": data["source"],
+               "tokenizer": tok_desc, "main_params": n_main, "draft_params": n_draft, "costs_ms": costs,
+               "delta": delta, "tau": tau, "rows": rows, "sweep": sweep_rows,
+               "designed_acceptance": designed if "task" in data else None,
+               "argv": sys.argv[1:]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
+        print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

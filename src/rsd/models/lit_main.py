@@ -1,0 +1,235 @@
+"""LightningModule training the main depth decoder on the feature cache, and its export callback.
+
+Teacher forcing: ``decoder(hidden, tokens[:, :7])`` gives the logits of all 8 layers in one call;
+the loss is the cross-entropy over the 8 x 128 tokens. Metrics (torchmetrics, under ``train/``,
+``val/`` and ``test/``): ``acc_L{k}`` token accuracy of layer k, ``exact_L{k}`` fraction of samples
+whose whole layer k is right (what strict speculative acceptance needs), ``exact_all`` all 8 layers
+right, and ``accuracy`` = mean token accuracy over the 8 layers (``val/accuracy`` is monitored).
+
+Batches: dicts with ``hidden`` float ``[B, D]`` and ``tokens`` long ``[B, 8, 128]`` (layers view),
+as ``rsd.data.cache_datamodule.FeatureCacheDataModule`` yields them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+
+from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+class MainDecoderLitModule(L.LightningModule):
+    """Trains :class:`RFSQMainDecoder` (``decoder`` = its constructor arguments) with AdamW + warm-up + cosine."""
+
+    def __init__(self, decoder: dict | None = None, lr: float = 3e-4, weight_decay: float = 0.05,
+                 warmup_steps: int = 500, min_lr_ratio: float = 0.05, label_smoothing: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.95)) -> None:
+        super().__init__()
+        if isinstance(decoder, DictConfig):
+            decoder = OmegaConf.to_container(decoder, resolve=True)
+        decoder = dict(decoder or {})
+        decoder.pop("_target_", None)
+        self.save_hyperparameters({"decoder": decoder, "lr": lr, "weight_decay": weight_decay,
+                                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                   "label_smoothing": label_smoothing, "betas": tuple(betas)})
+        self.decoder = RFSQMainDecoder(**decoder)
+        n = self.decoder.num_layers
+        self.num_layers = n
+        self._checked_range = False
+        # one collection per stage (keys "<stage>_metrics": "train" would shadow nn.Module.train)
+        self.stage_metrics = nn.ModuleDict({
+            f"{stage}_metrics": nn.ModuleDict({
+                **{f"acc_L{k}": MeanMetric() for k in range(n)},
+                **{f"exact_L{k}": MeanMetric() for k in range(n)},
+                "exact_all": MeanMetric(),
+            })
+            for stage in STAGES
+        })
+
+    def _metrics(self, stage: str) -> nn.ModuleDict:
+        return self.stage_metrics[f"{stage}_metrics"]
+
+    # ------------------------------------------------------------------ data checks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dim = None
+        if dm is not None and hasattr(dm, "hidden_dim"):
+            try:
+                dim = int(dm.hidden_dim)
+            except Exception as exc:  # noqa: BLE001 - the datamodule reports its own problem later
+                log.debug("could not read the datamodule's hidden_dim: %s", exc)
+        if dim is not None and dim != self.decoder.input_dim:
+            raise ValueError(f"the feature cache has hidden states of size {dim} but the main decoder was built "
+                             f"for input_dim={self.decoder.input_dim}: set model.decoder.input_dim={dim}")
+
+    def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, dict) or "hidden" not in batch or "tokens" not in batch:
+            raise ValueError("main decoder batches must be dicts with 'hidden' [B, D] and 'tokens' [B, 8, 128]")
+        hidden, tokens = batch["hidden"].float(), batch["tokens"].long()
+        want = (self.num_layers, self.decoder.num_positions)
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != want:
+            raise ValueError(f"tokens must be the layers view [B, {want[0]}, {want[1]}], got {tuple(tokens.shape)}")
+        if not self._checked_range:  # once: out-of-range levels would silently index a neighbour's embedding
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.decoder.num_levels:
+                raise ValueError(f"token levels must be in 0..{self.decoder.num_levels - 1}, got {lo}..{hi}")
+            self._checked_range = True
+        return hidden, tokens
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        hidden, tokens = self._unpack(batch)
+        logits = self.decoder(hidden, tokens[:, : self.num_layers - 1])  # [B, 8, 128, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                               label_smoothing=self.hparams.label_smoothing)
+        b = hidden.shape[0]
+        with torch.no_grad():
+            correct = logits.argmax(-1) == tokens  # [B, 8, 128]
+            acc = correct.float().mean(-1)  # [B, 8]
+            exact = correct.all(-1)  # [B, 8]
+            m = self._metrics(stage)
+            for k in range(self.num_layers):
+                m[f"acc_L{k}"].update(acc[:, k])
+                m[f"exact_L{k}"].update(exact[:, k].float())
+            m["exact_all"].update(exact.all(-1).float())
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        m = self._metrics(stage)
+        accs = []
+        for k in range(self.num_layers):
+            a = m[f"acc_L{k}"].compute()
+            accs.append(a)
+            self.log(f"{stage}/acc_L{k}", a)
+            self.log(f"{stage}/exact_L{k}", m[f"exact_L{k}"].compute())
+        self.log(f"{stage}/exact_all", m["exact_all"].compute())
+        self.log(f"{stage}/accuracy", torch.stack(accs).mean(), prog_bar=True)
+        for metric in m.values():
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_epoch("val")
+        else:
+            for metric in self._metrics("val").values():
+                metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        decay, no_decay = [], []
+        for name, p in self.decoder.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_matrix = p.ndim >= 2 and "embedding" not in name
+            (decay if is_matrix else no_decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = max(min(int(self.hparams.warmup_steps), total // 10), 1)  # at most 10 % of the run
+        floor = float(self.hparams.min_lr_ratio)
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class ExportMainDecoder(L.Callback):
+    """At the end of fit, write the best checkpoint's decoder to ``{output_dir}/main_decoder.pt``.
+
+    The file holds ``config`` + ``state_dict`` (load it with ``rsd.models.main_decoder.load_main_decoder``)
+    plus the validation metrics and, when the datamodule has ``cache_identity()``, the feature cache it
+    was trained on. ``copy_to`` (optional, may contain ``{backbone}`` and ``{suite}``) writes a second copy,
+    e.g. ``data/models/main_head_{backbone}_{suite}.pt``.
+    """
+
+    def __init__(self, output_dir: str, filename: str = "main_decoder.pt", copy_to: str | None = None) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.filename = filename
+        self.copy_to = copy_to
+        self._t0: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.time()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not isinstance(pl_module, MainDecoderLitModule):
+            raise TypeError(f"ExportMainDecoder expects a MainDecoderLitModule, got {type(pl_module).__name__}")
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb is not None else None
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
+            pl_module.load_state_dict(state)
+            log.info("ExportMainDecoder: weights from best checkpoint %s", best)
+        else:
+            log.warning("ExportMainDecoder: no best checkpoint; exporting the final weights")
+            best = ""
+        dm = getattr(trainer, "datamodule", None)
+        data = {}
+        if dm is not None and hasattr(dm, "cache_identity"):
+            try:
+                data = dict(dm.cache_identity())
+            except Exception as exc:  # noqa: BLE001 - metadata only
+                log.warning("ExportMainDecoder: no cache identity (%s)", exc)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("val/") and torch.as_tensor(v).numel() == 1}
+        extra = {
+            "metrics": metrics,
+            "best_checkpoint": best,
+            "best_score": None if best_score is None else float(best_score),
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "train_seconds": None if self._t0 is None else time.time() - self._t0,
+            "data": data,
+            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "decoder"},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        decoder = pl_module.decoder
+        out = save_main_decoder(decoder, Path(self.output_dir) / self.filename, **extra)
+        written = [str(out)]
+        if self.copy_to:
+            target = Path(str(self.copy_to).format(backbone=data.get("backbone_name", "unknown"),
+                                                   suite=data.get("suite", "unknown")))
+            written.append(str(save_main_decoder(decoder, target, **extra)))
+        print(f"\nMain decoder written to {', '.join(written)} (val/accuracy "
+              f"{metrics.get('val/accuracy', float('nan')):.4f})", flush=True)
