@@ -29,6 +29,10 @@ def _container(node):
 
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
+        if cfg.get("shard") is not None:  # shard i/n of out_dir X -> X/shard_<i>_of_<n> (rsd.eval.shard)
+            from rsd.eval.shard import shard_dirname
+
+            return Path(cfg.out_dir) / shard_dirname(cfg.shard)
         return Path(cfg.out_dir)
     from hydra.core.hydra_config import HydraConfig
 
@@ -49,12 +53,12 @@ def evaluate(cfg: DictConfig) -> dict:
         trials=_container(cfg.trials), mode=cfg.mode, workers=int(cfg.workers), max_steps=cfg.max_steps,
         video=_container(cfg.video), retry_errors=bool(cfg.retry_errors), max_episodes=cfg.max_episodes,
         progress=bool(cfg.progress), threads_per_worker=cfg.threads_per_worker,
-        resume_check=bool(cfg.resume_check),
+        resume_check=bool(cfg.resume_check), shard=cfg.get("shard"),
     )
     summary = summarize(run.records, suite=cfg.suite, extra={
         "out_dir": str(out_dir), "policy": spec, "complete": len(run.records) == run.total,
         "work_list_episodes": run.total, "new_episodes": run.new, "resumed_episodes": run.skipped,
-        "max_steps": run.max_steps,
+        "max_steps": run.max_steps, **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
     })
     write_summary(out_dir, summary)
     print_summary(summary)

@@ -16,6 +16,7 @@ An exception anywhere in the episode is caught and returned in ``error`` with wh
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ class EpisodeResult:
     error: str | None = None
     traceback: str | None = None
     frames: list[np.ndarray] | None = None  # agentview RGB (upright), only when recorded
+    peak_rss_mb: float | None = None  # peak resident memory of the process during the episode
+    peak_cuda_mb: float | None = None  # torch.cuda.max_memory_allocated during the episode (CUDA only)
 
     def to_record(self) -> dict:
         rec = asdict(self)
@@ -82,12 +85,42 @@ def accumulate_stats(total: dict[str, Any], stats: dict[str, Any] | None) -> Non
             total[key] = value if not hasattr(value, "item") else value.item()
 
 
+def reset_memory_peaks() -> None:
+    """Start a new peak-memory window: Linux resets VmHWM on ``5 > /proc/self/clear_refs``; CUDA peak stats."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux / not allowed: the peak is then the process's lifetime peak
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_peaks() -> tuple[float | None, float | None]:
+    """``(peak RSS MB since reset_memory_peaks, peak CUDA MB allocated or None)``."""
+    rss = None
+    try:
+        with open("/proc/self/status") as f:
+            rss = next(float(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+    torch = sys.modules.get("torch")
+    cuda = None
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.max_memory_allocated() / 2**20
+    return rss, cuda
+
+
 def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, mode: str = "speculative",
                 trial: int = 0, max_steps: int | None = None, num_warmup_steps: int = NUM_WARMUP_STEPS,
                 record_frames: bool = False, camera: str = "agentview") -> EpisodeResult:
     """Run one episode of ``task`` from ``init_state`` with ``policy`` (see the module docstring)."""
     max_steps = MAX_STEPS[task.suite] if max_steps is None else int(max_steps)
     res = EpisodeResult(frames=[] if record_frames else None)
+    reset_memory_peaks()
     t0 = time.perf_counter()
 
     def grab(obs: dict) -> None:
@@ -130,6 +163,7 @@ def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, m
         res.error = f"{type(exc).__name__}: {exc}"
         res.traceback = traceback.format_exc(limit=8)
     res.wall_time_s = time.perf_counter() - t0
+    res.peak_rss_mb, res.peak_cuda_mb = memory_peaks()
     return res
 
 

@@ -372,8 +372,9 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    mode: str | Sequence[str] = "speculative", workers: int = 1, max_steps: int | None = None,
                    video: Any = None, retry_errors: bool = False, max_episodes: int | None = None,
                    progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
-                   max_worker_restarts: int | None = None) -> EvalRun:
-    """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list."""
+                   max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None) -> EvalRun:
+    """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list.
+    ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``)."""
     if suite not in MAX_STEPS:
         raise ValueError(f"unknown suite {suite!r}; one of {sorted(MAX_STEPS)}")
     from rsd.envs.libero_env import get_init_states, num_tasks
@@ -392,11 +393,20 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                          f"{n_init} init states (trials=N allows N <= {n_init})")
     modes = parse_modes(mode)
     jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
+    shard_info = None
+    if shard is not None:  # one part of an evaluation spread over processes / machines
+        from rsd.eval.shard import select_shard, write_shard_file
+
+        jobs, shard_info = select_shard(jobs, shard)
 
     identity = {"suite": suite, "max_steps": MAX_STEPS[suite] if max_steps is None else int(max_steps),
                 "policy": spec_identity(policy_spec)}
+    if shard_info:
+        identity["shard"] = shard_info["shard"]
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_identity(out_dir, identity, force=not resume_check)
+    if shard_info:
+        write_shard_file(out_dir, shard_info)
 
     episode_log = EpisodeLog(out_dir / EPISODES_FILE)
     old, bad_lines = episode_log.read()

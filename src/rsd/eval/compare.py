@@ -1,0 +1,521 @@
+"""Compare runs: load training metrics and evaluations (local folders or W&B) and plot them.
+
+What ``notebooks/compare_runs.ipynb`` shows, importable and testable:
+
+- **Sources.** Local: evaluation folders (``episodes.jsonl`` + ``summary.json``; shard folders are skipped
+  when discovering, merge them first) and training runs (``<run>/csv/metrics.csv`` of Lightning's
+  CSVLogger) found under ``log_dir`` (``logs/<task>/runs/<time>/``). W&B: the project's runs through
+  ``wandb.Api()``, only when ``WANDB_API_KEY`` is set and the W&B mode is not offline/disabled
+  (:func:`wandb_online`); anything else, or an API failure, falls back to the local folders.
+- **Tables** (pandas): :func:`eval_table` one row per (evaluation, mode) with success, latency, engine
+  statistics (per-chunk backbone / draft / main / decode ms, acceptance) and peak memory;
+  :func:`task_table` success per task; :func:`load_train_metrics` one row per epoch.
+- **Plots** (matplotlib figures, ``None`` when there is nothing to draw): :func:`plot_layer_curves`
+  (``<stage>/<metric>_L<k>`` columns, whichever exist), :func:`plot_acceptance_vs_success` (relaxed
+  thresholds), :func:`plot_latency_breakdown`, :func:`plot_success_per_task`.
+- :func:`execute_notebook`: run a notebook with papermill-style parameters (``nbclient``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+LAYER_COLUMN = re.compile(r"^(?P<stage>[A-Za-z0-9_]+)/(?P<metric>.+)_L(?P<layer>\d+)$")
+LATENCY_PARTS = ("backbone", "draft", "main", "decode")
+EVAL_COLUMNS = [
+    "label", "source", "path", "suite", "mode", "acceptance", "delta", "tau", "threshold", "threshold_label",
+    "episodes", "successes", "success_rate", "errors", "avg_inference_ms", "p95_inference_ms",
+    "acceptance_rate", "mean_accepted_layers", "inferences",
+    *[f"avg_{p}_ms" for p in LATENCY_PARTS], "avg_engine_ms", "peak_rss_mb", "peak_cuda_mb",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Local evaluation folders
+
+
+@dataclass
+class EvalFolder:
+    """One evaluation folder: its summary (recomputed from episodes.jsonl when there) and records."""
+
+    path: Path
+    label: str
+    summary: dict
+    records: list[dict] = field(default_factory=list)
+    policy: dict = field(default_factory=dict)
+
+
+def _label(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            rel = path.resolve().relative_to(Path(root).resolve())
+            if str(rel) != ".":
+                return str(rel)
+        except ValueError:
+            pass
+    return path.name
+
+
+def load_eval_dir(path: str | Path, label: str | None = None, root: str | Path | None = None) -> EvalFolder:
+    """An evaluation folder (``episodes.jsonl`` and/or ``summary.json``)."""
+    from rsd.eval.runner import EPISODES_FILE, RUN_FILE, load_records
+    from rsd.eval.summary import SUMMARY_JSON, summarize
+
+    path = Path(path)
+    saved = json.loads((path / SUMMARY_JSON).read_text()) if (path / SUMMARY_JSON).is_file() else {}
+    records = load_records(path) if (path / EPISODES_FILE).is_file() else []
+    if not records and not saved:
+        raise FileNotFoundError(f"{path}: neither {EPISODES_FILE} nor {SUMMARY_JSON}")
+    if records:  # recomputed from the episodes (a resumed or merged folder may be newer than its summary)
+        summary = summarize(records, suite=saved.get("suite"))
+        for k, v in saved.items():
+            summary.setdefault(k, v)
+    else:
+        summary = saved
+    policy = dict(saved.get("policy") or {})
+    if not policy and (path / RUN_FILE).is_file():
+        policy = dict(json.loads((path / RUN_FILE).read_text()).get("policy") or {})
+    return EvalFolder(path=path, label=label or _label(path, root), summary=summary, records=records,
+                      policy=policy)
+
+
+def find_eval_dirs(log_dir: str | Path, include_shards: bool = False) -> list[Path]:
+    """Evaluation folders under ``log_dir`` (sorted), without shard folders unless ``include_shards``."""
+    from rsd.eval.shard import SHARD_FILE
+
+    root = Path(log_dir)
+    if not root.exists():
+        return []
+    dirs = {p.parent for name in ("episodes.jsonl", "summary.json") for p in root.rglob(name)}
+    dirs = {d for d in dirs if "wandb" not in d.parts and (include_shards or not (d / SHARD_FILE).is_file())}
+    return sorted(dirs)
+
+
+def threshold_of(policy: Mapping[str, Any]) -> tuple[float, str]:
+    """``(x, label)`` of a policy's acceptance rule: strict -> ``(0, "strict")``; relaxed -> tau or delta."""
+    kind = str(policy.get("acceptance") or "strict")
+    if kind == "strict":
+        return 0.0, "strict"
+    tau, delta = policy.get("tau"), policy.get("delta")
+    if tau is not None:
+        return float(tau), f"{kind} tau={tau}"
+    if delta is not None:
+        return float(delta), f"{kind} delta={delta}"
+    return math.nan, kind
+
+
+def _peak(records: Iterable[Mapping[str, Any]], key: str) -> float | None:
+    vals = [float(r[key]) for r in records if r.get(key) is not None]
+    return max(vals) if vals else None
+
+
+def peak_memory(records: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Largest per-episode peaks of the records: ``{"peak_rss_mb", "peak_cuda_mb"}`` (None if not recorded)."""
+    return {"peak_rss_mb": _peak(records, "peak_rss_mb"), "peak_cuda_mb": _peak(records, "peak_cuda_mb")}
+
+
+def mode_row(label: str, mode: str, stats: Mapping[str, Any], policy: Mapping[str, Any], suite: str | None,
+             source: str = "local", path: str | None = None, memory: Mapping[str, Any] | None = None) -> dict:
+    """One row of :func:`eval_table` from a mode summary (``summary["modes"][mode]``)."""
+    eng = stats.get("engine") or {}
+    x, xlabel = threshold_of(policy) if mode == "speculative" else (math.nan, "baseline")
+    row = {
+        "label": label, "source": source, "path": path, "suite": suite, "mode": mode,
+        "acceptance": policy.get("acceptance"), "delta": policy.get("delta"), "tau": policy.get("tau"),
+        "threshold": x, "threshold_label": xlabel,
+        **{k: stats.get(k) for k in ("episodes", "successes", "success_rate", "errors", "avg_inference_ms",
+                                     "p95_inference_ms")},
+        "acceptance_rate": eng.get("acceptance_rate"), "mean_accepted_layers": eng.get("mean_accepted_layers"),
+        "inferences": eng.get("inferences"),
+        **{f"avg_{p}_ms": eng.get(f"avg_{p}_ms") for p in (*LATENCY_PARTS, "engine")},
+        "peak_rss_mb": None, "peak_cuda_mb": None,
+    }
+    row.update(memory or {})
+    return row
+
+
+def eval_table(folders: Sequence[EvalFolder]) -> pd.DataFrame:
+    """One row per (evaluation folder, mode); columns :data:`EVAL_COLUMNS`."""
+    rows = []
+    for f in folders:
+        for mode, stats in (f.summary.get("modes") or {}).items():
+            recs = [r for r in f.records if r.get("mode") == mode]
+            rows.append(mode_row(f.label, mode, stats, f.policy, f.summary.get("suite"), "local", str(f.path),
+                                 peak_memory(recs)))
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+
+
+def task_table(folders: Sequence[EvalFolder]) -> pd.DataFrame:
+    """Success per task: one row per (folder, mode, task)."""
+    rows = []
+    for f in folders:
+        for task in f.summary.get("per_task") or []:
+            for mode, m in (task.get("modes") or {}).items():
+                rows.append({"label": f.label, "mode": mode, "task_id": int(task["task_id"]),
+                             "task_name": task.get("task_name"), "episodes": m.get("episodes"),
+                             "successes": m.get("successes"), "success_rate": m.get("success_rate")})
+    return pd.DataFrame(rows, columns=["label", "mode", "task_id", "task_name", "episodes", "successes",
+                                       "success_rate"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Local training runs (Lightning CSVLogger)
+
+
+def find_train_runs(log_dir: str | Path) -> list[Path]:
+    """Training run folders under ``log_dir`` that have ``csv/metrics.csv`` (sorted)."""
+    root = Path(log_dir)
+    if not root.exists():
+        return []
+    return sorted({p.parent.parent for p in root.rglob("csv/metrics.csv")})
+
+
+def _metrics_csv(run: Path) -> Path:
+    run = Path(run)
+    if run.is_file():
+        return run
+    for cand in (run / "csv" / "metrics.csv", run / "metrics.csv"):
+        if cand.is_file():
+            return cand
+    found = sorted(run.glob("csv/*/metrics.csv"))
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"{run}: no csv/metrics.csv")
+
+
+def epoch_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Lightning's sparse rows (one per logging call) -> one row per epoch (last value of each column)."""
+    if "epoch" not in df.columns or df.empty:
+        return df.reset_index(drop=True)
+    df = df.dropna(subset=["epoch"])
+    out = df.groupby("epoch", sort=True).last()  # last non-null value per column
+    out = out.reset_index()
+    out["epoch"] = out["epoch"].astype(int)
+    return out
+
+
+def load_train_metrics(run: str | Path) -> pd.DataFrame:
+    """A training run's CSV metrics, one row per epoch."""
+    return epoch_metrics(pd.read_csv(_metrics_csv(Path(run))))
+
+
+def layer_columns(df: pd.DataFrame, stage: str = "val") -> dict[str, list[tuple[int, str]]]:
+    """``{metric: [(layer, column), ...]}`` of the per-layer columns ``<stage>/<metric>_L<k>`` present."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for col in df.columns:
+        m = LAYER_COLUMN.match(str(col))
+        if m and m.group("stage") == stage and df[col].notna().any():
+            out.setdefault(m.group("metric"), []).append((int(m.group("layer")), col))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights & Biases
+
+
+def wandb_online(mode: str | None = None) -> bool:
+    """Read W&B through its API only with ``WANDB_API_KEY`` set and a mode that is not offline/disabled."""
+    if not os.environ.get("WANDB_API_KEY"):
+        return False
+    mode = mode or os.environ.get("WANDB_MODE") or "online"
+    return mode not in ("offline", "disabled", "dryrun")
+
+
+def _flat(d: Any) -> dict:
+    """W&B summaries/configs as plain dicts (``run.summary`` is a mapping-like object)."""
+    try:
+        return {k: d[k] for k in d.keys()}
+    except (AttributeError, TypeError):
+        return dict(d or {})
+
+
+def wandb_eval_rows(runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Eval runs logged by ``rsd.eval.summary.log_to_wandb`` -> ``(eval_table, task_table)`` frames."""
+    rows, tasks = [], []
+    task_key = re.compile(r"^(?P<mode>[^/]+)/task_(?P<task>\d+)/success_rate$")
+    for run in runs:
+        summary, config = _flat(run.summary), _flat(run.config)
+        modes = sorted({k.split("/")[0] for k in summary if k.endswith("/success_rate") and k.count("/") == 1})
+        if not modes:
+            continue
+        policy = config.get("policy") if isinstance(config.get("policy"), Mapping) else {}
+        label = getattr(run, "name", None) or getattr(run, "id", "run")
+        for mode in modes:
+            stats = {k[len(mode) + 1:]: v for k, v in summary.items()
+                     if k.startswith(f"{mode}/") and k.count("/") == 1}
+            stats["engine"] = {k[len(mode) + 8:]: v for k, v in summary.items() if k.startswith(f"{mode}/engine/")}
+            rows.append(mode_row(label, mode, stats, policy, config.get("suite"), "wandb",
+                                 getattr(run, "url", None)))
+        for k, v in summary.items():
+            m = task_key.match(k)
+            if m:
+                tasks.append({"label": label, "mode": m.group("mode"), "task_id": int(m.group("task")),
+                              "task_name": None, "episodes": None, "successes": None, "success_rate": v})
+    return (pd.DataFrame(rows, columns=EVAL_COLUMNS),
+            pd.DataFrame(tasks, columns=["label", "mode", "task_id", "task_name", "episodes", "successes",
+                                         "success_rate"]))
+
+
+def wandb_train_histories(runs: Iterable[Any], samples: int = 2000) -> dict[str, pd.DataFrame]:
+    """Training runs' histories (per epoch) of the runs that logged per-layer metrics."""
+    out: dict[str, pd.DataFrame] = {}
+    for run in runs:
+        summary = _flat(run.summary)
+        if not any(LAYER_COLUMN.match(str(k)) for k in summary) or any(k.endswith("/engine/inferences")
+                                                                       for k in summary):
+            continue
+        hist = run.history(samples=samples, pandas=True)
+        if hist is None or len(hist) == 0:
+            continue
+        out[getattr(run, "name", None) or run.id] = epoch_metrics(hist)
+    return out
+
+
+def load_wandb(project: str, entity: str | None = None, max_runs: int = 100,
+               filters: Mapping | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """``(eval_table, task_table, train histories)`` of a W&B project (needs the network and a key)."""
+    import wandb
+
+    api = wandb.Api(timeout=30)
+    path = f"{entity}/{project}" if entity else project
+    runs = list(api.runs(path, filters=dict(filters or {}), per_page=min(max_runs, 100)))[:max_runs]
+    ev, tasks = wandb_eval_rows(runs)
+    return ev, tasks, wandb_train_histories(runs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything the notebook needs
+
+
+@dataclass
+class Comparison:
+    source: str  # "local" | "wandb"
+    evals: pd.DataFrame
+    tasks: pd.DataFrame
+    train: dict[str, pd.DataFrame]
+    folders: list[EvalFolder] = field(default_factory=list)
+
+
+def load_local(log_dir: str | Path = "logs", eval_dirs: Sequence[str | Path] | None = None,
+               train_runs: Sequence[str | Path] | None = None, include_shards: bool = False) -> Comparison:
+    """Evaluations and training runs from local folders (all found under ``log_dir`` unless given)."""
+    root = Path(log_dir)
+    dirs = [Path(d) for d in eval_dirs] if eval_dirs is not None else find_eval_dirs(root, include_shards)
+    folders = []
+    for d in dirs:
+        try:
+            folders.append(load_eval_dir(d, root=root))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("skipping evaluation folder %s: %s", d, exc)
+    runs = [Path(r) for r in train_runs] if train_runs is not None else find_train_runs(root)
+    train = {}
+    for r in runs:
+        try:
+            train[_label(r, root)] = load_train_metrics(r)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            log.warning("skipping training run %s: %s", r, exc)
+    return Comparison("local", eval_table(folders), task_table(folders), train, folders)
+
+
+def load_runs(log_dir: str | Path = "logs", eval_dirs: Sequence[str | Path] | None = None,
+              train_runs: Sequence[str | Path] | None = None, wandb_project: str | None = "rsd",
+              wandb_entity: str | None = None, wandb_mode: str | None = None) -> Comparison:
+    """W&B when :func:`wandb_online` (and it answers), else the local folders."""
+    if wandb_project and wandb_online(wandb_mode):
+        try:
+            ev, tasks, train = load_wandb(wandb_project, wandb_entity)
+            if len(ev) or train:
+                return Comparison("wandb", ev, tasks, train)
+            log.warning("W&B project %s has no runs to compare; using the local folders", wandb_project)
+        except Exception as exc:  # noqa: BLE001 - network/auth problems: fall back to the local folders
+            log.warning("W&B API failed (%s); using the local folders", exc)
+    return load_local(log_dir, eval_dirs, train_runs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg by itself
+
+    return plt
+
+
+def plot_layer_curves(train: Mapping[str, pd.DataFrame], stage: str = "val", metrics: Sequence[str] | None = None):
+    """One panel per per-layer metric (``<stage>/<metric>_L<k>``), a line per (run, layer) over epochs."""
+    found: dict[str, list[tuple[str, int, str]]] = {}
+    for run, df in train.items():
+        for metric, cols in layer_columns(df, stage).items():
+            if metrics is None or metric in metrics:
+                found.setdefault(metric, []).extend((run, layer, col) for layer, col in cols)
+    if not found:
+        return None
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    n = len(found)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows + 0.4), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    runs = list(train)
+    cmap = plt.get_cmap("viridis")
+    for ax, (metric, items) in zip(axes.flat, found.items(), strict=False):
+        layers = sorted({layer for _, layer, _ in items})
+        colors = {layer: cmap(i / max(len(layers) - 1, 1)) for i, layer in enumerate(layers)}
+        for run, layer, col in items:
+            df = train[run]
+            x = df["epoch"] if "epoch" in df.columns else df.index
+            ok = df[col].notna()
+            ax.plot(x[ok], df[col][ok], styles[runs.index(run) % len(styles)], color=colors[layer], marker="o",
+                    ms=3)
+        ax.set_title(f"{stage}/{metric}_L*")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend([Line2D([], [], color=colors[la]) for la in layers], [f"L{la}" for la in layers], fontsize=7,
+                  ncol=2 if len(layers) > 4 else 1, title="layer", title_fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if len(runs) > 1:  # runs by line style, under the panels
+        fig.legend([Line2D([], [], color="black", ls=styles[i % len(styles)]) for i in range(len(runs))],
+                   [r.replace("/runs/", " ") for r in runs], loc="lower center", ncol=min(len(runs), 3),
+                   fontsize=8)
+        fig.subplots_adjust(bottom=0.12 + 0.04 * math.ceil(len(runs) / 3))
+    fig.suptitle(f"Per-layer training curves ({stage})")
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(runs) / 3) if len(runs) > 1 else 0, 1, 1))
+    return fig
+
+
+def plot_acceptance_vs_success(evals: pd.DataFrame):
+    """Draft acceptance and success rate of the speculative evaluations across acceptance thresholds."""
+    spec = evals[(evals["mode"] == "speculative") & evals["acceptance_rate"].notna()].copy()
+    if spec.empty:
+        return None
+    plt = _plt()
+    spec = spec.sort_values(["threshold", "label"], na_position="last")
+    base = evals[(evals["mode"] == "baseline") & evals["success_rate"].notna()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(len(spec)))
+    ax1.plot(x, spec["acceptance_rate"].astype(float), "o-", label="draft acceptance")
+    ax1.plot(x, spec["success_rate"].astype(float), "s-", label="success rate (speculative)")
+    if not base.empty:
+        ax1.axhline(float(base["success_rate"].astype(float).mean()), color="gray", ls="--",
+                    label="success rate (baseline)")
+    ax1.set_xticks(x, [f"{t}\n{lbl}" if len(spec) < 6 else t for t, lbl in
+                       zip(spec["threshold_label"], spec["label"], strict=True)], fontsize=7)
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.set_title("acceptance and success vs threshold")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax2.scatter(spec["acceptance_rate"].astype(float), spec["success_rate"].astype(float))
+    for _, r in spec.iterrows():
+        ax2.annotate(str(r["threshold_label"]), (float(r["acceptance_rate"]), float(r["success_rate"])),
+                     fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax2.set_xlabel("draft acceptance rate")
+    ax2.set_ylabel("success rate")
+    ax2.set_xlim(-0.02, 1.02)
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_title("success vs acceptance")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency_breakdown(evals: pd.DataFrame):
+    """Stacked per-chunk latency (backbone / draft / main / decode ms) of every evaluation and mode."""
+    cols = [f"avg_{p}_ms" for p in LATENCY_PARTS]
+    df = evals[evals[cols].notna().any(axis=1)]
+    if df.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(df) + 2), 4))
+    names = [f"{r['label']}\n{r['mode']}" for _, r in df.iterrows()]
+    bottom = [0.0] * len(df)
+    for part, col in zip(LATENCY_PARTS, cols, strict=True):
+        vals = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in df[col]]
+        ax.bar(names, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    total = df["avg_inference_ms"].astype(float).tolist()
+    ax.scatter(names, total, color="black", marker="_", s=400, zorder=3, label="measured per chunk")
+    ax.set_ylabel("ms per chunk (inference)")
+    ax.set_title("Latency breakdown per chunk")
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_success_per_task(tasks: pd.DataFrame):
+    """Grouped bars: success rate per task, one bar per (evaluation, mode) - baseline vs speculative."""
+    if tasks.empty:
+        return None
+    plt = _plt()
+    tasks = tasks.copy()
+    tasks["series"] = tasks["label"].astype(str) + " " + tasks["mode"].astype(str)
+    pivot = tasks.pivot_table(index="task_id", columns="series", values="success_rate", aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(pivot) * max(1, len(pivot.columns) / 2) + 2), 4))
+    width = 0.8 / max(len(pivot.columns), 1)
+    for i, col in enumerate(pivot.columns):
+        hatch = "//" if col.endswith("baseline") else None
+        ax.bar([t + (i - (len(pivot.columns) - 1) / 2) * width for t in range(len(pivot))],
+               pivot[col].fillna(0).astype(float), width, label=col, hatch=hatch)
+    ax.set_xticks(range(len(pivot)), [str(t) for t in pivot.index])
+    ax.set_xlabel("task")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Success per task: baseline vs speculative")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, out_dir: str | Path | None, name: str) -> Path | None:
+    """``<out_dir>/<name>.png`` (nothing when ``fig`` or ``out_dir`` is None)."""
+    if fig is None or out_dir is None:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the notebook
+
+
+def execute_notebook(path: str | Path, parameters: Mapping[str, Any] | None = None,
+                     out_path: str | Path | None = None, timeout: int = 600, cwd: str | Path | None = None,
+                     kernel_name: str = "python3"):
+    """Execute a notebook with papermill-style parameters (a cell injected after the one tagged
+    ``parameters``); writes the executed notebook to ``out_path`` when given. Raises on a failing cell."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    if parameters:
+        src = "# Parameters (injected)\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
+        idx = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])),
+                   -1)
+        nb.cells.insert(idx + 1, cell)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
+                            resources={"metadata": {"path": str(cwd or Path(path).parent)}})
+    client.execute()
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, str(out_path))
+    return nb
