@@ -1,0 +1,508 @@
+"""Collect scripted-expert demonstrations in LIBERO and write them in the official HDF5 schema.
+
+    python -m rsd.data.collect suite=libero_spatial demos_per_task=50
+    python -m rsd.data.collect tasks=[0,3] demos_per_task=5 images=true out_dir=/tmp/demos
+
+Trial i of a task starts from the task's fixed init state i (``env.reset()``, ``set_init_state``, the 10
+warm-up no-ops, then the expert; see :mod:`rsd.envs.expert`). Attempts go through init states 0, 1, 2, ...
+until ``demos_per_task`` episodes succeeded or the init states (or ``max_attempts``) are exhausted; only
+successful episodes are kept. Episodes run in parallel worker processes (spawn), each of which builds an
+env per task once and reuses it. Every attempt is recorded under ``{out_dir}/{suite}/.parts/`` while a
+task runs, so an interrupted collection resumes where it stopped; the parts are deleted once the task's
+``{task_name}_demo.hdf5`` is written. A per-task table (attempts, successes, success rate, mean length)
+is printed and saved as ``collect_summary.json`` / ``collect_summary.md`` next to the files. Tasks whose
+file already holds enough demos are skipped, so a rerun is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsd import PROJECT_ROOT
+from rsd.data.libero_hdf5 import (
+    IMAGE_OBS_KEYS,
+    DemoSchemaError,
+    Episode,
+    demo_path,
+    summarize_demo_file,
+    write_demo_file,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT_DIR = PROJECT_ROOT / "data" / "demos"
+SUMMARY_JSON = "collect_summary.json"
+SUMMARY_MD = "collect_summary.md"
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side: one env per task, reused across that task's episodes.
+
+_ENV_CACHE: dict[str, Any] = {}
+
+
+def _worker_init() -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def _close_cached_env() -> None:
+    env = _ENV_CACHE.pop("env", None)
+    _ENV_CACHE.clear()
+    if env is not None:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 - closing a dead env must not stop the collection
+            pass
+
+
+def _get_env(suite: str, task_id: int, images: bool, resolution: int):
+    from rsd.envs.libero_env import get_init_states, get_task, make_env
+
+    key = (suite, task_id, images, resolution)
+    if _ENV_CACHE.get("key") != key:
+        _close_cached_env()
+        task = get_task(suite, task_id)
+        _ENV_CACHE.update(
+            key=key,
+            task=task,
+            env=make_env(task, images=images, resolution=resolution),
+            init_states=get_init_states(suite, task_id),
+        )
+    return _ENV_CACHE["env"], _ENV_CACHE["task"], _ENV_CACHE["init_states"]
+
+
+def _part_paths(parts_dir: Path, init_index: int) -> tuple[Path, Path]:
+    return parts_dir / f"init_{init_index:03d}.json", parts_dir / f"init_{init_index:03d}.npz"
+
+
+def run_attempt(
+    suite: str, task_id: int, init_index: int, images: bool, resolution: int, parts_dir: str
+) -> dict[str, Any]:
+    """Run the expert from init state ``init_index`` (in a worker); save the episode if it succeeded.
+
+    Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
+    """
+    from rsd.envs.expert import run_expert_episode
+
+    parts = Path(parts_dir)
+    parts.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        env, task, init_states = _get_env(suite, task_id, images, resolution)
+        roll = run_expert_episode(env, task, init_states[init_index], init_index, images=images)
+        record = {
+            "task_id": task_id,
+            "init_index": init_index,
+            "success": bool(roll.success),
+            "num_steps": int(roll.num_steps),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "error": roll.error,
+            "log": roll.log[-12:],
+        }
+        if roll.success:
+            _, npz = _part_paths(parts, init_index)
+            arrays = {
+                "actions": roll.actions,
+                "states": roll.states,
+                "robot_states": roll.robot_states,
+                "rewards": roll.rewards,
+                "dones": roll.dones,
+                "init_state": roll.init_state,
+            }
+            arrays.update({f"obs/{k}": v for k, v in roll.obs.items()})
+            tmp = npz.with_name(npz.stem + ".tmp.npz")
+            (np.savez_compressed if images else np.savez)(tmp, **arrays)
+            os.replace(tmp, npz)
+    except Exception as exc:  # noqa: BLE001 - a broken env is recorded, the collection goes on
+        _close_cached_env()
+        record = {
+            "task_id": task_id,
+            "init_index": init_index,
+            "success": False,
+            "num_steps": 0,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "error": f"{type(exc).__name__}: {exc}",
+            "log": [],
+        }
+    js, _ = _part_paths(parts, init_index)
+    js.write_text(json.dumps(record))
+    return record
+
+
+def _load_part(parts_dir: Path, init_index: int) -> Episode:
+    _, npz = _part_paths(parts_dir, init_index)
+    with np.load(npz) as z:
+        obs = {k[len("obs/") :]: z[k] for k in z.files if k.startswith("obs/")}
+        return Episode(
+            actions=z["actions"],
+            states=z["states"],
+            obs=obs,
+            robot_states=z["robot_states"],
+            rewards=z["rewards"],
+            dones=z["dones"],
+            init_state=z["init_state"],
+            init_state_index=init_index,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parent side: scheduling, bookkeeping, files and the summary.
+
+
+class _TaskRun:
+    """Bookkeeping of one task: which init states were tried, which succeeded."""
+
+    def __init__(self, suite: str, task_id: int, name: str, n_init: int, demos: int, max_attempts: int | None,
+                 parts_dir: Path, images: bool):
+        self.suite, self.task_id, self.name = suite, task_id, name
+        self.limit = n_init if max_attempts is None else min(n_init, int(max_attempts))
+        self.demos = demos
+        self.parts_dir = parts_dir
+        self.images = images
+        self.records: dict[int, dict] = {}
+        self.pending: set[int] = set()
+        self._resume()
+
+    def _resume(self) -> None:
+        meta = self.parts_dir / "meta.json"
+        if meta.exists():
+            try:
+                same = json.loads(meta.read_text()).get("images") == self.images
+            except ValueError:
+                same = False
+            if not same:
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"images": self.images, "suite": self.suite, "task_id": self.task_id}))
+        for js in sorted(self.parts_dir.glob("init_*.json")):
+            try:
+                rec = json.loads(js.read_text())
+            except ValueError:
+                continue
+            i = int(rec["init_index"])
+            if rec.get("error") and not rec.get("success"):
+                continue  # rerun attempts that crashed
+            if rec.get("success") and not _part_paths(self.parts_dir, i)[1].exists():
+                continue
+            self.records[i] = rec
+
+    @property
+    def successes(self) -> int:
+        return sum(1 for r in self.records.values() if r["success"])
+
+    def _next_free(self) -> int:
+        i = 0
+        while i in self.records or i in self.pending:
+            i += 1
+        return i
+
+    def done(self) -> bool:
+        if self.pending:
+            return False
+        return self.successes >= self.demos or self._next_free() >= self.limit
+
+    def next_jobs(self) -> Iterator[int]:
+        """Init states to try now: enough for the missing demos, assuming the pending ones succeed."""
+        while self.successes + len(self.pending) < self.demos:
+            i = self._next_free()
+            if i >= self.limit:
+                return
+            self.pending.add(i)
+            yield i
+
+    def result(self) -> tuple[list[int], dict[str, Any]]:
+        """Kept init indices (first ``demos`` successes in init-state order) and the task's statistics."""
+        kept, attempted = [], []
+        for i in sorted(self.records):
+            if len(kept) >= self.demos:
+                break
+            attempted.append(i)
+            if self.records[i]["success"]:
+                kept.append(i)
+        recs = [self.records[i] for i in attempted]
+        lengths = [r["num_steps"] for r in recs if r["success"]]
+        stats = {
+            "task_id": self.task_id,
+            "name": self.name,
+            "attempts": len(attempted),
+            "successes": len(kept),
+            "success_rate": round(len(kept) / len(attempted), 4) if attempted else 0.0,
+            "mean_episode_length": round(float(np.mean(lengths)), 1) if lengths else None,
+            "failed_init_states": [r["init_index"] for r in recs if not r["success"]],
+            "errors": {str(r["init_index"]): r["error"] for r in recs if r.get("error")},
+            "init_states_exhausted": len(kept) < self.demos,
+            "mean_attempt_seconds": round(float(np.mean([r["seconds"] for r in recs])), 2) if recs else None,
+        }
+        return kept, stats
+
+
+def _existing_stats(path: Path, demos_per_task: int, images: bool) -> dict[str, Any] | None:
+    """Stats of an existing file that already satisfies the request (None: collect again)."""
+    try:
+        info = summarize_demo_file(path, require_images=images)
+    except DemoSchemaError:
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = dict(f["data"].attrs)
+    stats = json.loads(attrs["rsd_collect_stats"]) if "rsd_collect_stats" in attrs else None
+    enough = info["num_demos"] >= demos_per_task
+    if not enough and stats is not None:
+        enough = bool(stats.get("init_states_exhausted")) and int(attrs.get("rsd_demos_requested", 0)) >= demos_per_task
+    if not enough:
+        return None
+    out = dict(stats) if stats else {"successes": info["num_demos"]}
+    out.update(skipped=True, file=str(path))
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="expert episodes", dynamic_ncols=True, mininterval=1.0)
+
+
+def collect_suite(
+    suite: str = "libero_spatial",
+    demos_per_task: int = 50,
+    tasks: Sequence[int] | None = None,
+    images: bool = False,
+    workers: int = 2,
+    out_dir: str | os.PathLike | None = None,
+    max_attempts: int | None = None,
+    resolution: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Collect expert demos for ``tasks`` of ``suite`` (all when None) into ``{out_dir}/{suite}/``.
+
+    Returns the summary (also saved as ``collect_summary.json`` / ``.md`` in that folder): per task
+    ``task_id, name, attempts, successes, success_rate, mean_episode_length, failed_init_states, file``
+    plus totals and the wall time.
+    """
+    from rsd.envs.expert import SUPPORTED_SUITES
+    from rsd.envs.libero_env import get_init_states, get_task, num_tasks
+
+    if suite not in SUPPORTED_SUITES:
+        raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {suite!r}")
+    t_start = time.time()
+    out_root = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
+    suite_dir = out_root / suite
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    task_ids = list(range(num_tasks(suite))) if tasks is None else [int(t) for t in tasks]
+
+    stats_by_task: dict[int, dict] = {}
+    runs: dict[int, _TaskRun] = {}
+    for tid in task_ids:
+        task = get_task(suite, tid)
+        path = demo_path(out_root, suite, task.name)
+        if path.exists() and not overwrite:
+            existing = _existing_stats(path, demos_per_task, images)
+            if existing is not None:
+                existing.setdefault("task_id", tid)
+                existing.setdefault("name", task.name)
+                stats_by_task[tid] = existing
+                log.info("task %d: %s already has enough demos, skipped", tid, path.name)
+                continue
+        n_init = len(get_init_states(suite, tid))
+        runs[tid] = _TaskRun(suite, tid, task.name, n_init, demos_per_task, max_attempts,
+                             suite_dir / ".parts" / task.name, images)
+
+    def finish(run: _TaskRun) -> None:
+        kept, stats = run.result()
+        task = get_task(suite, run.task_id)
+        path = demo_path(out_root, suite, task.name)
+        if kept:
+            write_demo_file(
+                path, task, (_load_part(run.parts_dir, i) for i in kept), images=images, resolution=resolution,
+                extra_attrs={
+                    "rsd_generator": "rsd.envs.expert.BowlPlaceExpert (privileged-state scripted expert)",
+                    "rsd_warmup_steps": 10,
+                    "rsd_recording": "after reset, set_init_state(init_states[init_state_index]) and 10 "
+                                     "unrecorded no-op warm-up steps; init_state == states[0]",
+                    "rsd_demos_requested": int(demos_per_task),
+                    "rsd_collect_stats": stats,
+                },
+            )
+            stats["file"] = str(path)
+            shutil.rmtree(run.parts_dir, ignore_errors=True)
+        else:
+            stats["file"] = None
+        stats["skipped"] = False
+        stats_by_task[run.task_id] = stats
+
+    bar = _progress(sum(min(r.limit, demos_per_task) for r in runs.values()), progress)
+    for r in runs.values():  # attempts recorded by an interrupted run
+        if bar is not None and r.records:
+            bar.update(len(r.records))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # inherited by workers
+        os.environ.setdefault(var, "1")
+
+    def jobs() -> Iterator[tuple[_TaskRun, int]]:
+        for run in runs.values():
+            for i in run.next_jobs():
+                yield run, i
+
+    try:
+        if workers <= 0:
+            for run in runs.values():
+                while not run.done():
+                    for i in list(run.next_jobs()):
+                        rec = run_attempt(suite, run.task_id, i, images, resolution, str(run.parts_dir))
+                        run.pending.discard(i)
+                        run.records[i] = rec
+                        _tick(bar, run)
+                finish(run)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+                futures: dict[Future, tuple[_TaskRun, int]] = {}
+
+                def submit_all() -> None:
+                    for run, i in jobs():
+                        fut = pool.submit(run_attempt, suite, run.task_id, i, images, resolution, str(run.parts_dir))
+                        futures[fut] = (run, i)
+
+                submit_all()
+                finished: set[int] = set()
+                for run in runs.values():
+                    if run.done():
+                        finish(run)
+                        finished.add(run.task_id)
+                while futures:
+                    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        run, i = futures.pop(fut)
+                        run.pending.discard(i)
+                        run.records[i] = fut.result()
+                        _tick(bar, run)
+                        if run.done() and run.task_id not in finished:
+                            finish(run)
+                            finished.add(run.task_id)
+                    submit_all()
+                for run in runs.values():
+                    if run.task_id not in finished:
+                        finish(run)
+    finally:
+        if bar is not None:
+            bar.close()
+        _close_cached_env()
+
+    rows = [stats_by_task[t] for t in task_ids if t in stats_by_task]
+    summary = _summary(suite, demos_per_task, images, workers, rows, time.time() - t_start, suite_dir)
+    if runs or not (suite_dir / SUMMARY_JSON).exists():  # a rerun that only skipped keeps the last record
+        _write_summary(summary, suite_dir)
+    print(format_table(summary))
+    return summary
+
+
+def _tick(bar, run: _TaskRun) -> None:
+    if bar is not None:
+        bar.total = max(bar.total, bar.n + 1)
+        bar.update(1)
+        bar.set_postfix_str(f"task {run.task_id}: {run.successes} ok", refresh=False)
+
+
+def _summary(suite: str, demos_per_task: int, images: bool, workers: int, rows: list[dict], wall: float,
+             suite_dir: Path) -> dict[str, Any]:
+    attempts = sum(int(r.get("attempts") or 0) for r in rows)
+    successes = sum(int(r.get("successes") or 0) for r in rows)
+    return {
+        "suite": suite,
+        "demos_per_task": demos_per_task,
+        "images": images,
+        "workers": workers,
+        "out_dir": str(suite_dir),
+        "wall_time_s": round(wall, 1),
+        "attempts": attempts,
+        "successes": successes,
+        "success_rate": round(successes / attempts, 4) if attempts else None,
+        "tasks": rows,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The per-task table as Markdown."""
+    lines = [
+        f"Scripted-expert collection: {summary['suite']}, {summary['demos_per_task']} demos/task, "
+        f"images={summary['images']}, workers={summary['workers']}, wall time {summary['wall_time_s']:.0f} s",
+        "",
+        "| task | name | attempts | successes | success rate | mean length | note |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in summary["tasks"]:
+        rate = r.get("success_rate")
+        mean = r.get("mean_episode_length")
+        note = "existing file" if r.get("skipped") else ""
+        if r.get("failed_init_states"):
+            note = (note + "; " if note else "") + "failed init states " + ",".join(map(str, r["failed_init_states"]))
+        lines.append(
+            f"| {r.get('task_id')} | {r.get('name')} | {r.get('attempts', '-')} | {r.get('successes', '-')} | "
+            f"{'-' if rate is None else f'{100 * rate:.1f} %'} | {'-' if mean is None else mean} | {note} |"
+        )
+    rate = summary.get("success_rate")
+    lines.append(
+        f"| all | | {summary['attempts']} | {summary['successes']} | "
+        f"{'-' if rate is None else f'{100 * rate:.1f} %'} | | |"
+    )
+    return "\n".join(lines)
+
+
+def _write_summary(summary: dict[str, Any], suite_dir: Path) -> None:
+    (suite_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+    (suite_dir / SUMMARY_MD).write_text(format_table(summary) + "\n")
+    parts = suite_dir / ".parts"
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+
+
+def main() -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="collect")
+    def _run(cfg) -> None:
+        c = OmegaConf.to_container(cfg, resolve=True)
+        tasks = c.get("tasks")
+        if isinstance(tasks, int):
+            tasks = [tasks]
+        collect_suite(
+            suite=c["suite"],
+            demos_per_task=int(c["demos_per_task"]),
+            tasks=tasks,
+            images=bool(c.get("images", False)),
+            workers=int(c.get("workers", 2)),
+            out_dir=c.get("out_dir") or DEFAULT_OUT_DIR,
+            max_attempts=c.get("max_attempts"),
+            resolution=int(c.get("resolution", 256)),
+            overwrite=bool(c.get("overwrite", False)),
+            progress=bool(c.get("progress", True)),
+        )
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["collect_suite", "run_attempt", "format_table", "IMAGE_OBS_KEYS"]

@@ -1,0 +1,837 @@
+"""A scripted pick-and-place expert for LIBERO that reads privileged simulator state.
+
+The expert drives robosuite's ``OSC_POSE`` controller (7-d delta actions in [-1, 1]: dx, dy, dz, droll,
+dpitch, dyaw, gripper with -1 open / +1 close) through a sequence of waypoints computed from object and
+end-effector poses read from the observations and from ``env.sim``. It supports every libero_spatial
+task (all goals are ``(On akita_black_bowl_1 plate_1)``; :class:`BowlPlaceExpert`) and every
+libero_object task (``(In <object> basket_1_contain_region)``; :class:`ObjectInBasketExpert`).
+:func:`make_expert` picks the right one from the task's BDDL goal.
+
+What makes it work (see ``shared/notes/environment.md``, "Scripted expert feasibility"):
+
+* Wait until the objects have settled after ``set_init_state`` (init states drop objects a few cm).
+* The bowl (11 cm) is wider than the Panda's opening (8 cm): grasp its rim, fingers closing across the
+  wall, with the closing axis turned radially. The free side of the rim is chosen by checking a
+  height map around the bowl (ray casts against collision geometry) for room for the fingers and hand.
+* P control with a small, capped integral term near the target; orientation control keeps the gripper
+  pointing down at the planned yaw.
+* Close the gripper for a few steps before lifting, verify the bowl rose with the gripper, and retry
+  another side when it did not; a bowl dropped while carried is grasped again.
+* Prefer grasp sides well inside the arm's reach: a stretched arm sits at the elbow singularity, where
+  OSC stalls (bowls on/in the wooden cabinet).
+* Carry the bowl just high enough over the obstacles under its path (ray-cast height profile).
+
+The gripper action is always exactly -1 or +1 (what the evaluation protocol's binarization produces),
+so demonstrations never rely on a half-open gripper.
+
+Episode protocol (:func:`run_expert_episode`): ``env.reset()``, ``env.set_init_state(init_states[i])``,
+then ``NUM_WARMUP_STEPS`` no-op steps (the evaluation protocol's warm-up; **not recorded**), then the
+expert acts for at most ``MAX_STEPS[suite]`` recorded steps, stopping at the first step where the env
+reports ``done`` (success). Recorded arrays start at the state after the warm-up, so
+``episode.init_state == episode.states[0]`` (LIBERO's convention) and ``episode.init_state_index = i``.
+
+Replay: the same sequence (reset, ``set_init_state(init_states[i])``, 10 no-ops, the recorded actions)
+reproduces the recorded states and the success exactly (tested). ``set_init_state(states[0])`` restores
+the physical state but not the controllers' internal state (the gripper's command integrator, the OSC
+orientation goal), so an open-loop replay started there drifts, as LIBERO's own playback warns.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rsd.envs.libero_env import MAX_STEPS, NOOP_ACTION, NUM_WARMUP_STEPS, TaskSpec
+
+SUPPORTED_SUITES = ("libero_spatial", "libero_object")
+
+#: World-frame end-effector orientation with the gripper pointing straight down at yaw 0
+#: (the Panda's home orientation; the fingers close along the world y axis).
+_R_DOWN = np.diag([1.0, -1.0, -1.0])
+_ROBOT_PREFIXES = ("robot0_", "gripper0_", "mount0_")
+
+
+class ExpertError(RuntimeError):
+    """The task is not supported by the scripted expert (message says why)."""
+
+
+@dataclass
+class ExpertConfig:
+    """Gains and geometry of the bowl pick-and-place expert (lengths in metres)."""
+
+    kp: float = 20.0  # action per metre of position error (action 1 moves the OSC target 5 cm)
+    ki: float = 0.6  # integral gain (per step, per metre), only near the target
+    integral_zone: float = 0.02  # integrate only when the error is below this
+    integral_cap: float = 0.01  # cap of the accumulated error (metres)
+    k_ori: float = 2.0  # action per radian of orientation error (action 1 = 0.5 rad)
+    max_pos_action: float = 1.0
+    max_ori_action: float = 0.6
+    settle_speed: float = 0.001  # objects are settled below this speed (m/step)
+    settle_max_steps: int = 25
+    rim_radius: float = 0.046  # gripper centre distance from the bowl axis when grasping the rim
+    grasp_height: float = 0.040  # eef height above the bowl's bottom centre when grasping
+    pregrasp_height: float = 0.10  # above the grasp point before descending
+    close_steps: int = 10
+    open_steps: int = 10
+    lift_check: float = 0.03  # the bowl must rise at least this much with the gripper
+    drop_slip: float = 0.03  # the grasp point on the bowl left the gripper by this much: dropped
+    carry_max_action: float = 0.8
+    carry_clearance: float = 0.05  # bowl bottom above obstacles along the carry path
+    place_height: float = 0.012  # bowl bottom above the plate's origin when releasing
+    comfortable_reach: float = 0.70  # grasp points farther than this from the shoulder are penalized
+    shoulder_height: float = 0.333  # Panda shoulder above the robot base
+    n_sides: int = 16  # candidate grasp directions around the rim
+    finger_open_half_gap: float = 0.040  # half the distance between the open fingers' pads
+    finger_below_eef: float = 0.012  # fingertips below the eef site
+    hand_above_eef: float = 0.045  # the hand's underside above the eef site
+    hand_half_length: float = 0.105  # hand extent along the closing axis
+    hand_half_width: float = 0.035  # hand extent across the closing axis
+    # libero_object (ObjectInBasketExpert)
+    obj_min_grasp_above_bottom: float = 0.016  # eef height above the object's bottom at least
+    obj_release_height: float = 0.03  # object bottom above the basket floor when releasing
+
+
+def parse_goal(bddl_file: str) -> tuple[str, str, str]:
+    """The single goal predicate ``(Pred obj target)`` of a BDDL file, e.g. ``("on", "bowl", "plate")``."""
+    text = open(bddl_file).read()
+    m = re.search(r"\(:goal\s*\(And\s*\((\w+)\s+(\S+)\s+(\S+?)\)\s*\)", text, flags=re.IGNORECASE)
+    if m is None:
+        raise ExpertError(f"{bddl_file}: expected a single-predicate goal '(:goal (And (Pred a b)))'.")
+    return m.group(1).lower(), m.group(2), m.group(3)
+
+
+def _rot_z(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _wrap_half_pi(angle: float) -> float:
+    """Map a gripper yaw to [-pi/2, pi/2) (the gripper is symmetric under a half turn)."""
+    return (angle + math.pi / 2) % math.pi - math.pi / 2
+
+
+def _orientation_error(desired: np.ndarray, current: np.ndarray) -> np.ndarray:
+    return 0.5 * sum(np.cross(current[:, i], desired[:, i]) for i in range(3))
+
+
+@dataclass
+class _Side:
+    angle: float  # direction from the bowl axis to the grasp point
+    clearance: float  # free height margin (m) for fingers and hand; larger is better
+    yaw: float  # gripper yaw that closes the fingers radially
+    reach: float  # distance of the grasp point from the robot's shoulder (m)
+
+
+class BowlPlaceExpert:
+    """Pick ``obj`` (a bowl) by its rim and place it on ``target``; privileged state, closed loop.
+
+    Build it after ``env.reset()``, ``env.set_init_state(...)`` and the warm-up no-ops (it reads the
+    gripper's home orientation then), and call ``action = expert.act(obs)`` once per step; ``reset()``
+    restarts the state machine. ``expert.phase`` and ``expert.log`` describe what it did.
+    """
+
+    @classmethod
+    def supports(cls, pred: str, obj: str, target: str) -> bool:
+        return pred == "on" and "bowl" in obj
+
+    def __init__(self, env, task: TaskSpec, config: ExpertConfig | None = None):
+        pred, obj, target = parse_goal(task.bddl_file)
+        if not self.supports(pred, obj, target):
+            raise ExpertError(
+                f"Task {task.suite}/{task.name}: {type(self).__name__} does not support the goal "
+                f"'({pred} {obj} {target})'; the scripted experts handle '(On <bowl> <target>)' "
+                "(libero_spatial) and '(In <object> <basket region>)' (libero_object)."
+            )
+        self.env = env
+        self.task = task
+        self.obj = obj
+        self.target = target
+        self.cfg = config or ExpertConfig()
+        self._inner = env.env
+        self._sim = env.sim
+        self._m = self._sim.model._model
+        self._d = self._sim.data._data
+        self._obj_bid = self._inner.obj_body_id[obj]
+        self._target_bid = self._inner.obj_body_id.get(target)  # None when the target is a site
+        robot = self._inner.robots[0]
+        self._eef_site = robot.eef_site_id
+        self._shoulder = np.asarray(robot.base_pos, dtype=np.float64) + np.array([0.0, 0.0, self.cfg.shoulder_height])
+        self._exclude_roots = self._robot_and_object_roots()
+        self._closing_angle, self._home_yaw = self._gripper_frame()
+        self.reset()
+
+    # ------------------------------------------------------------------ state access
+    def _robot_and_object_roots(self) -> set[int]:
+        import mujoco
+
+        roots = {int(self._m.body_rootid[self._obj_bid])}
+        for b in range(self._m.nbody):
+            name = mujoco.mj_id2name(self._m, mujoco.mjtObj.mjOBJ_BODY, b) or ""
+            if name.startswith(_ROBOT_PREFIXES):
+                roots.add(int(self._m.body_rootid[b]))
+        return roots
+
+    def _gripper_frame(self) -> tuple[float, float]:
+        """Closing-axis angle at yaw 0 (for ``Rz(yaw) @ _R_DOWN``) and the current (home) yaw."""
+        import mujoco
+
+        g1 = mujoco.mj_name2id(self._m, mujoco.mjtObj.mjOBJ_GEOM, "gripper0_finger1_pad_collision")
+        g2 = mujoco.mj_name2id(self._m, mujoco.mjtObj.mjOBJ_GEOM, "gripper0_finger2_pad_collision")
+        _, rot = self._eef()
+        if g1 >= 0 and g2 >= 0:
+            closing_site = rot.T @ (self._d.geom_xpos[g2] - self._d.geom_xpos[g1])
+        else:  # robosuite's Panda gripper closes along the eef site's x axis
+            closing_site = np.array([1.0, 0.0, 0.0])
+        c = _R_DOWN @ closing_site
+        rz = rot @ _R_DOWN.T
+        return math.atan2(c[1], c[0]), math.atan2(rz[1, 0], rz[0, 0])
+
+    def _yaw_for(self, side_angle: float) -> float:
+        """Gripper yaw closing the fingers along ``side_angle``, within a quarter turn of the home yaw."""
+        yaw = side_angle - self._closing_angle
+        return self._home_yaw + _wrap_half_pi(yaw - self._home_yaw)
+
+    def _eef(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._d.site_xpos[self._eef_site].copy(), self._d.site_xmat[self._eef_site].reshape(3, 3).copy()
+
+    def _body(self, bid: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._d.xpos[bid].copy(), self._d.xmat[bid].reshape(3, 3).copy()
+
+    def _bowl_center(self, height: float) -> np.ndarray:
+        """Point on the bowl's axis ``height`` above its bottom centre (follows tilt)."""
+        pos, rot = self._body(self._obj_bid)
+        return pos + rot[:, 2] * height
+
+    # ------------------------------------------------------------------ height map (ray casts)
+    def _height(self, x: float, y: float, z_top: float) -> float:
+        """Highest collision surface below ``z_top`` at (x, y), ignoring the robot and the grasped object."""
+        import mujoco
+
+        m, d = self._m, self._d
+        pnt = np.array([x, y, z_top], dtype=np.float64)
+        vec = np.array([0.0, 0.0, -1.0])
+        gid = np.zeros(1, dtype=np.int32)
+        for _ in range(20):
+            dist = mujoco.mj_ray(m, d, pnt, vec, None, 1, -1, gid)
+            if dist < 0:
+                return -np.inf
+            g = int(gid[0])
+            z = pnt[2] - dist
+            collides = m.geom_contype[g] != 0 or m.geom_conaffinity[g] != 0
+            if collides and int(m.body_rootid[m.geom_bodyid[g]]) not in self._exclude_roots:
+                return z
+            pnt[2] = z - 1e-4
+        return -np.inf
+
+    def _max_height(self, points: np.ndarray, z_top: float) -> float:
+        return max(self._height(float(p[0]), float(p[1]), z_top) for p in points)
+
+    def _with_visible_collision_geoms(self, fn):
+        """mj_ray skips geoms with alpha 0; make collision geoms visible while casting rays."""
+        rgba = self._m.geom_rgba
+        saved = rgba[:, 3].copy()
+        rgba[:, 3] = np.maximum(saved, 0.5)
+        try:
+            return fn()
+        finally:
+            rgba[:, 3] = saved
+
+    def _score_sides(self) -> list[_Side]:
+        cfg = self.cfg
+        bottom, rot = self._body(self._obj_bid)
+        center = self._bowl_center(cfg.grasp_height)
+        eef_z = center[2]
+        finger_z = eef_z - cfg.finger_below_eef
+        hand_z = eef_z + cfg.hand_above_eef
+        z_top = eef_z + 0.35
+        sides = []
+        for k in range(cfg.n_sides):
+            ang = 2 * math.pi * k / cfg.n_sides
+            u = np.array([math.cos(ang), math.sin(ang), 0.0])
+            v = np.array([-u[1], u[0], 0.0])
+            g = center + cfg.rim_radius * u
+            # Outer finger (inner finger is inside the bowl, which is excluded from the height map).
+            outer = g + cfg.finger_open_half_gap * u
+            finger_pts = [outer + a * u + b * v for a in (-0.01, 0.0, 0.012) for b in (-0.012, 0.0, 0.012)]
+            hand_pts = [
+                g + a * u + b * v
+                for a in np.linspace(-cfg.hand_half_length, cfg.hand_half_length, 7)
+                for b in (-cfg.hand_half_width, 0.0, cfg.hand_half_width)
+            ]
+            h_f = self._max_height(np.array(finger_pts), z_top)
+            h_h = self._max_height(np.array(hand_pts), z_top)
+            clearance = min(finger_z - h_f, hand_z - h_h)
+            yaw = self._yaw_for(ang)
+            reach = float(np.linalg.norm(g - self._shoulder))
+            sides.append(_Side(ang, clearance, yaw, reach))
+        return sides
+
+    def _rank_sides(self, sides: list[_Side]) -> list[_Side]:
+        # Prefer free sides (clearance), then sides well inside the arm's reach (a stretched arm is
+        # near the elbow singularity, where OSC stalls), then small yaw changes (less wrist rotation).
+        cfg = self.cfg
+
+        def key(s: _Side) -> float:
+            free = min(s.clearance, 0.02)
+            overreach = max(0.0, s.reach - cfg.comfortable_reach)
+            return free * 100.0 - 20.0 * overreach - 0.3 * abs(s.yaw - self._home_yaw)
+
+        return sorted(sides, key=key, reverse=True)
+
+    def _carry_profile(self, start_xy: np.ndarray, goal_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Obstacle height under the bowl's footprint at points along the straight carry path.
+
+        Returns ``(s, h)``: arc length from the start (m) and the highest obstacle there.
+        """
+        length = float(np.linalg.norm(goal_xy - start_xy))
+        n = max(2, int(length / 0.02) + 1)
+        top = self._body(self._obj_bid)[0][2] + 0.4
+        if self._target_bid is not None:
+            top = max(top, self._body(self._target_bid)[0][2] + 0.4)
+        r = 0.06
+        offsets = [np.array([a, b]) for a in (-r, 0.0, r) for b in (-r, 0.0, r) if a * a + b * b <= r * r * 1.01]
+        offsets += [np.array([r, r]) * 0.7, np.array([r, -r]) * 0.7, np.array([-r, r]) * 0.7, np.array([-r, -r]) * 0.7]
+        s_vals = np.linspace(0.0, length, n)
+        heights = np.empty(n)
+        for i, t in enumerate(np.linspace(0.0, 1.0, n)):
+            c = start_xy + t * (goal_xy - start_xy)
+            heights[i] = self._max_height(np.array([c + o for o in offsets]), top)
+        return s_vals, heights
+
+    def _clear_height(self, bowl_xy: np.ndarray, behind: float = 0.04, ahead: float = 0.12) -> float:
+        """Highest obstacle near the bowl's position along the carry path (window behind/ahead)."""
+        s_vals, heights = self._profile
+        d = self._profile_goal - self._profile_start
+        length = float(np.linalg.norm(d))
+        s_now = float(np.dot(bowl_xy - self._profile_start, d / max(length, 1e-9))) if length > 0 else 0.0
+        mask = (s_vals >= s_now - behind) & (s_vals <= s_now + ahead)
+        if not mask.any():
+            mask = np.abs(s_vals - s_now) == np.abs(s_vals - s_now).min()
+        return float(heights[mask].max())
+
+    # ------------------------------------------------------------------ control
+    def reset(self) -> None:
+        self.phase = "settle"
+        self.t = 0
+        self.phase_t = 0
+        self.log: list[str] = []
+        self._integral = np.zeros(3)
+        self._prev_positions: np.ndarray | None = None
+        self._settled_steps = 0
+        self._sides: list[_Side] = []
+        self._side: _Side | None = None
+        self._tried: list[float] = []
+        self._yaw = self._home_yaw
+        self._hold_pos: np.ndarray | None = None
+        self._grasp_pos: np.ndarray | None = None
+        self._bowl_z_at_grasp = 0.0
+        self._profile: tuple[np.ndarray, np.ndarray] = (np.zeros(1), np.zeros(1))
+        self._profile_start = np.zeros(2)
+        self._profile_goal = np.zeros(2)
+        self._grip_local = np.zeros(3)
+        self._lift_start_z = 0.0
+        self._stall = 0
+        self._last_err = np.inf
+
+    def _set_phase(self, phase: str) -> None:
+        self.log.append(f"{self.t}:{phase}")
+        self.phase = phase
+        self.phase_t = 0
+        self._integral[:] = 0.0
+        self._stall = 0
+        self._last_err = np.inf
+
+    def _servo(self, target: np.ndarray, gripper: float, max_action: float | None = None) -> np.ndarray:
+        cfg = self.cfg
+        pos, rot = self._eef()
+        err = target - pos
+        near = np.abs(err) < cfg.integral_zone
+        self._integral = np.where(near, self._integral + err, 0.0)
+        self._integral = np.clip(self._integral, -cfg.integral_cap, cfg.integral_cap)
+        a_pos = cfg.kp * err + cfg.ki * cfg.kp * self._integral
+        cap = cfg.max_pos_action if max_action is None else max_action
+        a_pos = np.clip(a_pos, -cap, cap)
+        ori_err = _orientation_error(_rot_z(self._yaw) @ _R_DOWN, rot)
+        a_ori = np.clip(cfg.k_ori * ori_err, -cfg.max_ori_action, cfg.max_ori_action)
+        # An exactly-zero orientation delta would freeze the OSC orientation goal; keep it tiny instead.
+        a_ori = np.where(a_ori == 0.0, 1e-6, a_ori)
+        # Track progress for stall detection.
+        dist = float(np.linalg.norm(err))
+        if dist > self._last_err - 5e-4:
+            self._stall += 1
+        else:
+            self._stall = 0
+        self._last_err = min(self._last_err, dist)
+        return np.concatenate([a_pos, a_ori, [gripper]]).astype(np.float64)
+
+    def _pos_err(self, target: np.ndarray) -> float:
+        return float(np.linalg.norm(target - self._eef()[0]))
+
+    def _ori_err(self) -> float:
+        return float(np.linalg.norm(_orientation_error(_rot_z(self._yaw) @ _R_DOWN, self._eef()[1])))
+
+    def _object_positions(self) -> np.ndarray:
+        ids = list(self._inner.obj_body_id.values())
+        return self._d.xpos[ids].copy()
+
+    def _next_side(self) -> bool:
+        sides = self._with_visible_collision_geoms(self._score_sides)
+        ranked = [s for s in self._rank_sides(sides) if all(abs(s.angle - a) > 1e-6 for a in self._tried)]
+        if not ranked:
+            return False
+        self._side = ranked[0]
+        self._tried.append(self._side.angle)
+        self._yaw = self._side.yaw
+        u = np.array([math.cos(self._side.angle), math.sin(self._side.angle), 0.0])
+        center = self._bowl_center(self.cfg.grasp_height)
+        self._grasp_pos = center + self.cfg.rim_radius * u
+        self.log.append(
+            f"side {math.degrees(self._side.angle):.0f}deg clearance {self._side.clearance:.3f} "
+            f"reach {self._side.reach:.3f}"
+        )
+        return True
+
+    def act(self, obs: dict | None = None) -> np.ndarray:
+        """The next action (``obs`` is accepted for API symmetry; the expert reads ``env.sim``)."""
+        action = self._act()
+        self.t += 1
+        self.phase_t += 1
+        return action
+
+    def _act(self) -> np.ndarray:
+        cfg = self.cfg
+        pos, _ = self._eef()
+        if self._hold_pos is None:
+            self._hold_pos = pos.copy()
+
+        if self.phase == "settle":
+            cur = self._object_positions()
+            if self._prev_positions is not None:
+                speed = np.linalg.norm(cur - self._prev_positions, axis=1).max()
+                self._settled_steps = self._settled_steps + 1 if speed < cfg.settle_speed else 0
+            self._prev_positions = cur
+            if self._settled_steps >= 2 or self.phase_t >= cfg.settle_max_steps:
+                if not self._next_side():
+                    self._set_phase("failed")
+                else:
+                    self._set_phase("pregrasp")
+                return self._act()
+            return self._servo(self._hold_pos, -1.0)
+
+        if self.phase == "pregrasp":
+            target = self._grasp_pos + np.array([0.0, 0.0, cfg.pregrasp_height])
+            if self._pos_err(target) < 0.015 and self._ori_err() < 0.08:
+                self._set_phase("descend")
+                return self._act()
+            return self._servo(target, -1.0)
+
+        if self.phase == "descend":
+            target = self._grasp_pos
+            if (self._pos_err(target) < 0.006 and self._ori_err() < 0.05) or (
+                self.phase_t > 10 and self._stall > 5
+            ):
+                self._bowl_z_at_grasp = self._body(self._obj_bid)[0][2]
+                self._set_phase("close")
+                return self._act()
+            slow = 0.6 if self._pos_err(target) < 0.04 else None
+            return self._servo(target, -1.0, slow)
+
+        if self.phase == "close":
+            if self.phase_t >= cfg.close_steps:
+                bowl_pos, bowl_rot = self._body(self._obj_bid)
+                goal_xy = self._body(self._target_bid)[0][:2]
+                self._profile_start = bowl_pos[:2].copy()
+                self._profile_goal = goal_xy.copy()
+                self._profile = self._with_visible_collision_geoms(
+                    lambda: self._carry_profile(self._profile_start, self._profile_goal)
+                )
+                # Where the eef holds the bowl, in the bowl's frame (to check that the bowl follows).
+                self._grip_local = bowl_rot.T @ (pos - bowl_pos)
+                self._lift_start_z = pos[2]
+                self._set_phase("lift")
+                return self._act()
+            return self._servo(self._grasp_pos, 1.0)
+
+        if self.phase == "lift":
+            bowl_pos, bowl_rot = self._body(self._obj_bid)
+            grip_above_bottom = self._lift_start_z - self._bowl_z_at_grasp
+            need = max(self._clear_height(bowl_pos[:2], 0.06, 0.08), self._bowl_z_at_grasp)
+            lift_z = need + cfg.carry_clearance + grip_above_bottom
+            target = np.array([self._grasp_pos[0], self._grasp_pos[1], lift_z])
+            held_err = float(np.linalg.norm(bowl_pos + bowl_rot @ self._grip_local - pos))
+            rose_eef = pos[2] - self._lift_start_z
+            rose = bowl_pos[2] - self._bowl_z_at_grasp
+            if rose_eef > cfg.lift_check and held_err > 0.02:
+                self.log.append(f"lift failed (eef rose {rose_eef:.3f}, bowl rose {rose:.3f}, slip {held_err:.3f})")
+                self._set_phase("regrasp")
+                return self._act()
+            if rose_eef > cfg.lift_check and pos[2] > lift_z - 0.02:
+                self._set_phase("carry")
+                return self._act()
+            return self._servo(target, 1.0)
+
+        if self.phase == "regrasp":
+            up = np.array([pos[0], pos[1], self._grasp_pos[2] + cfg.pregrasp_height])
+            if self.phase_t >= cfg.open_steps and self._pos_err(up) < 0.03:
+                if not self._next_side():
+                    self._set_phase("failed")
+                else:
+                    self._set_phase("pregrasp")
+                return self._act()
+            return self._servo(up if self.phase_t >= 3 else pos, -1.0)
+
+        if self.phase in ("carry", "lower"):
+            bowl, bowl_rot = self._body(self._obj_bid)
+            plate = self._body(self._target_bid)[0]
+            slip = float(np.linalg.norm(bowl + bowl_rot @ self._grip_local - pos))
+            if slip > (cfg.drop_slip if self.phase == "carry" else 1.5 * cfg.drop_slip):
+                self.log.append(f"dropped (slip {slip:.3f})")
+                self._tried = []  # the bowl moved: every side is worth trying again
+                self._set_phase("regrasp")
+                return self._act()
+            offset = pos[:2] - bowl[:2]
+            xy = plate[:2] + offset
+            grip_above_bottom = pos[2] - bowl[2]
+            if self.phase == "carry":
+                need = max(self._clear_height(bowl[:2]), plate[2])
+                z = need + cfg.carry_clearance + grip_above_bottom
+                target = np.array([xy[0], xy[1], z])
+                xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
+                if xy_err < 0.01 or (xy_err < 0.025 and self.phase_t > 10 and self._stall > 8):
+                    self._set_phase("lower")
+                    return self._act()
+                return self._servo(target, 1.0, cfg.carry_max_action)
+            z = plate[2] + cfg.place_height + grip_above_bottom
+            target = np.array([xy[0], xy[1], z])
+            if (self._pos_err(target) < 0.008) or (self.phase_t > 8 and self._stall > 4):
+                self._set_phase("release")
+                return self._act()
+            slow = 0.5 if abs(pos[2] - z) < 0.04 else None
+            return self._servo(target, 1.0, slow)
+
+        if self.phase == "release":
+            if self.phase_t >= cfg.open_steps:
+                self._set_phase("retreat")
+                return self._act()
+            self._hold_pos = pos if self.phase_t == 0 else self._hold_pos
+            return self._servo(self._hold_pos, -1.0)
+
+        if self.phase == "retreat":
+            target = self._hold_pos + np.array([0.0, 0.0, 0.1])
+            return self._servo(target, -1.0)
+
+        # failed: hold still with the gripper open.
+        return self._servo(pos, -1.0)
+
+
+class ObjectInBasketExpert(BowlPlaceExpert):
+    """libero_object: pick ``obj`` across its narrow side at its centre and drop it into the basket.
+
+    The target is the simulator site ``basket_1_contain_region`` (not in the observations). The grasp
+    axis is the object's narrow horizontal side (principal axes of its collision geometry), or the wide
+    one when that side is blocked and the object still fits the 8 cm opening.
+    """
+
+    @classmethod
+    def supports(cls, pred: str, obj: str, target: str) -> bool:
+        return pred == "in" and target.endswith("contain_region")
+
+    def __init__(self, env, task: TaskSpec, config: ExpertConfig | None = None):
+        super().__init__(env, task, config)
+        import mujoco
+
+        self._target_site = mujoco.mj_name2id(self._m, mujoco.mjtObj.mjOBJ_SITE, self.target)
+        if self._target_site < 0:
+            raise ExpertError(f"Task {task.name}: no simulator site named {self.target!r}.")
+        self._obj_geoms = [
+            g for g in range(self._m.ngeom)
+            if int(self._m.body_rootid[self._m.geom_bodyid[g]]) == int(self._m.body_rootid[self._obj_bid])
+            and (self._m.geom_contype[g] or self._m.geom_conaffinity[g])
+        ]
+
+    def _object_points(self) -> np.ndarray:
+        """Corners of the object's collision geoms' bounding boxes, world frame."""
+        m, d = self._m, self._d
+        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+        pts = []
+        for g in self._obj_geoms:
+            c, h = m.geom_aabb[g][:3], m.geom_aabb[g][3:]
+            local = c + signs * h
+            pts.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
+        return np.concatenate(pts, axis=0)
+
+    def _plan_grasp(self) -> bool:
+        cfg = self.cfg
+        pts = self._object_points()
+        xy = pts[:, :2]
+        mean = xy.mean(axis=0)
+        cov = np.cov((xy - mean).T)
+        evals, evecs = np.linalg.eigh(cov)
+        axes = [evecs[:, 0], evecs[:, 1]]  # narrow first
+        bottom, top = float(pts[:, 2].min()), float(pts[:, 2].max())
+        z = max(0.5 * (bottom + top), bottom + cfg.obj_min_grasp_above_bottom)
+        candidates = []
+        for rank, u2 in enumerate(axes):
+            proj = (xy - mean) @ u2
+            width = float(proj.max() - proj.min())
+            other = np.array([-u2[1], u2[0]])
+            center = mean + u2 * 0.5 * (proj.max() + proj.min())
+            center = center + other * 0.5 * ((xy - mean) @ other).max() + other * 0.5 * ((xy - mean) @ other).min()
+            if width > 2 * cfg.finger_open_half_gap - 0.006:
+                continue
+            u = np.array([u2[0], u2[1], 0.0])
+            v = np.array([other[0], other[1], 0.0])
+            g = np.array([center[0], center[1], z])
+            fingers = [g + sgn * (cfg.finger_open_half_gap + 0.008) * u + b * v for sgn in (-1, 1) for b in (-0.01, 0.0, 0.01)]
+            h = self._with_visible_collision_geoms(lambda f=fingers: self._max_height(np.array(f), z + 0.35))
+            clearance = (z - cfg.finger_below_eef) - h
+            angle = math.atan2(u[1], u[0])
+            candidates.append((min(clearance, 0.01) - 0.002 * rank, angle, g, clearance))
+        candidates = [c for c in candidates if all(abs(c[1] - a) > 1e-6 for a in self._tried)]
+        if not candidates:
+            return False
+        _, angle, g, clearance = max(candidates, key=lambda c: c[0])
+        self._tried.append(angle)
+        self._yaw = self._yaw_for(angle)
+        self._grasp_pos = g
+        self._obj_top = top
+        self.log.append(f"axis {math.degrees(angle):.0f}deg clearance {clearance:.3f}")
+        return True
+
+    def _site(self) -> np.ndarray:
+        return self._d.site_xpos[self._target_site].copy()
+
+    def _act(self) -> np.ndarray:
+        cfg = self.cfg
+        pos, _ = self._eef()
+        if self._hold_pos is None:
+            self._hold_pos = pos.copy()
+
+        if self.phase == "settle":
+            cur = self._object_positions()
+            if self._prev_positions is not None:
+                speed = np.linalg.norm(cur - self._prev_positions, axis=1).max()
+                self._settled_steps = self._settled_steps + 1 if speed < cfg.settle_speed else 0
+            self._prev_positions = cur
+            if self._settled_steps >= 2 or self.phase_t >= cfg.settle_max_steps:
+                self._set_phase("pregrasp" if self._plan_grasp() else "failed")
+                return self._act()
+            return self._servo(self._hold_pos, -1.0)
+
+        if self.phase == "pregrasp":
+            above = max(self._obj_top + 0.06, self._grasp_pos[2] + cfg.pregrasp_height)
+            target = np.array([self._grasp_pos[0], self._grasp_pos[1], above])
+            if self._pos_err(target) < 0.015 and self._ori_err() < 0.08:
+                self._set_phase("descend")
+                return self._act()
+            return self._servo(target, -1.0)
+
+        if self.phase == "descend":
+            target = self._grasp_pos
+            if (self._pos_err(target) < 0.006 and self._ori_err() < 0.05) or (self.phase_t > 10 and self._stall > 5):
+                self._bowl_z_at_grasp = self._body(self._obj_bid)[0][2]
+                self._set_phase("close")
+                return self._act()
+            slow = 0.6 if self._pos_err(target) < 0.04 else None
+            return self._servo(target, -1.0, slow)
+
+        if self.phase == "close":
+            if self.phase_t >= cfg.close_steps:
+                obj_pos, obj_rot = self._body(self._obj_bid)
+                self._grip_local = obj_rot.T @ (pos - obj_pos)
+                self._lift_start_z = pos[2]
+                bottom = float(self._object_points()[:, 2].min())
+                self._grip_above_bottom = pos[2] - bottom
+                self._profile_start = obj_pos[:2].copy()
+                self._profile_goal = self._site()[:2]
+                self._profile = self._with_visible_collision_geoms(
+                    lambda: self._carry_profile(self._profile_start, self._profile_goal)
+                )
+                self._set_phase("lift")
+                return self._act()
+            return self._servo(self._grasp_pos, 1.0)
+
+        if self.phase in ("lift", "carry", "lower"):
+            obj_pos, obj_rot = self._body(self._obj_bid)
+            slip = float(np.linalg.norm(obj_pos + obj_rot @ self._grip_local - pos))
+            rose_eef = pos[2] - self._lift_start_z
+            if (self.phase != "lift" or rose_eef > cfg.lift_check) and slip > cfg.drop_slip:
+                self.log.append(f"{'lift failed' if self.phase == 'lift' else 'dropped'} (slip {slip:.3f})")
+                self._set_phase("regrasp")
+                return self._act()
+            site = self._site()
+            need = max(self._clear_height(obj_pos[:2]), site[2])
+            carry_z = need + cfg.carry_clearance + self._grip_above_bottom
+            if self.phase == "lift":
+                target = np.array([self._grasp_pos[0], self._grasp_pos[1], carry_z])
+                if rose_eef > cfg.lift_check and pos[2] > carry_z - 0.02:
+                    self._set_phase("carry")
+                    return self._act()
+                return self._servo(target, 1.0)
+            xy = site[:2] + (pos[:2] - obj_pos[:2])
+            if self.phase == "carry":
+                target = np.array([xy[0], xy[1], carry_z])
+                xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
+                if xy_err < 0.015 or (xy_err < 0.03 and self.phase_t > 10 and self._stall > 8):
+                    self._set_phase("lower")
+                    return self._act()
+                return self._servo(target, 1.0, cfg.carry_max_action)
+            floor = self._with_visible_collision_geoms(lambda: self._height(float(site[0]), float(site[1]), site[2] + 0.3))
+            z = max(floor, site[2] - 0.07) + cfg.obj_release_height + self._grip_above_bottom
+            target = np.array([xy[0], xy[1], z])
+            if self._pos_err(target) < 0.01 or (self.phase_t > 8 and self._stall > 4):
+                self._set_phase("release")
+                return self._act()
+            return self._servo(target, 1.0, 0.6)
+
+        if self.phase == "regrasp":
+            up = np.array([pos[0], pos[1], max(pos[2], self._grasp_pos[2] + cfg.pregrasp_height)])
+            if self.phase_t >= cfg.open_steps:
+                self._tried = []
+                self._set_phase("pregrasp" if self._plan_grasp() else "failed")
+                return self._act()
+            return self._servo(up if self.phase_t >= 3 else pos, -1.0)
+
+        if self.phase == "release":
+            if self.phase_t >= cfg.open_steps:
+                self._set_phase("retreat")
+                return self._act()
+            self._hold_pos = pos if self.phase_t == 0 else self._hold_pos
+            return self._servo(self._hold_pos, -1.0)
+
+        if self.phase == "retreat":
+            return self._servo(self._hold_pos + np.array([0.0, 0.0, 0.1]), -1.0)
+        return self._servo(pos, -1.0)
+
+
+def make_expert(env, task: TaskSpec, config: ExpertConfig | None = None) -> BowlPlaceExpert:
+    """The scripted expert for ``task`` (raises :class:`ExpertError` for unsupported goals)."""
+    pred, obj, target = parse_goal(task.bddl_file)
+    for cls in (BowlPlaceExpert, ObjectInBasketExpert):
+        if cls.supports(pred, obj, target):
+            return cls(env, task, config)
+    return BowlPlaceExpert(env, task, config)  # raises ExpertError with the explanation
+
+
+@dataclass
+class ExpertRollout:
+    """One expert episode as recorded (arrays have one row per recorded step)."""
+
+    init_state_index: int | None
+    init_state: np.ndarray  # state the recording starts from (after the warm-up) == states[0]
+    actions: np.ndarray  # [T, 7]
+    states: np.ndarray  # [T, state_dim]: flattened MuJoCo state before each action
+    robot_states: np.ndarray  # [T, 9]: gripper qpos (2), eef pos (3), eef quat (4)
+    rewards: np.ndarray  # [T]
+    dones: np.ndarray  # [T]
+    obs: dict[str, np.ndarray]  # ee_pos, ee_ori, ee_states, gripper_states, joint_states (+ images)
+    success: bool
+    num_steps: int
+    seconds: float
+    log: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_episode(self):
+        """This rollout as a :class:`rsd.data.libero_hdf5.Episode` (for ``write_demo_file``)."""
+        from rsd.data.libero_hdf5 import Episode
+
+        return Episode(
+            actions=self.actions,
+            states=self.states,
+            obs=dict(self.obs),
+            robot_states=self.robot_states,
+            rewards=self.rewards,
+            dones=self.dones,
+            init_state=self.init_state,
+            init_state_index=self.init_state_index,
+        )
+
+
+def _obs_record(obs: dict, images: bool) -> dict[str, np.ndarray]:
+    import robosuite.utils.transform_utils as T
+
+    ee_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+    ee_ori = np.asarray(T.quat2axisangle(obs["robot0_eef_quat"]), dtype=np.float64)
+    rec = {
+        "ee_pos": ee_pos,
+        "ee_ori": ee_ori,
+        "ee_states": np.concatenate([ee_pos, ee_ori]),
+        "gripper_states": np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64),
+        "joint_states": np.asarray(obs["robot0_joint_pos"], dtype=np.float64),
+    }
+    if images:
+        rec["agentview_rgb"] = np.asarray(obs["agentview_image"], dtype=np.uint8)
+        rec["eye_in_hand_rgb"] = np.asarray(obs["robot0_eye_in_hand_image"], dtype=np.uint8)
+    return rec
+
+
+def run_expert_episode(
+    env,
+    task: TaskSpec,
+    init_state: np.ndarray,
+    init_state_index: int | None = None,
+    max_steps: int | None = None,
+    images: bool = False,
+    config: ExpertConfig | None = None,
+    reset: bool = True,
+) -> ExpertRollout:
+    """Run the expert from one fixed init state and record the episode (see the module docstring).
+
+    ``env`` is a LIBERO env from :func:`rsd.envs.libero_env.make_env` (with cameras if ``images``).
+    Exceptions inside the episode are caught and returned in ``error`` (``success`` is then False).
+    """
+    t0 = time.perf_counter()
+    max_steps = MAX_STEPS[task.suite] if max_steps is None else max_steps
+    rec: dict[str, list] = {k: [] for k in ("actions", "states", "robot_states", "rewards", "dones")}
+    obs_rec: dict[str, list] = {}
+    success = False
+    error = None
+    expert = None
+    start_state = np.asarray(init_state, dtype=np.float64)
+    try:
+        if reset:
+            env.reset()
+        obs = env.set_init_state(init_state)
+        for _ in range(NUM_WARMUP_STEPS):
+            obs, _, _, _ = env.step(NOOP_ACTION)
+        start_state = env.sim.get_state().flatten().copy()
+        expert = make_expert(env, task, config)
+        for _ in range(max_steps):
+            state = env.sim.get_state().flatten().copy()
+            action = expert.act(obs)
+            for k, v in _obs_record(obs, images).items():
+                obs_rec.setdefault(k, []).append(v)
+            rec["states"].append(state)
+            rec["robot_states"].append(
+                np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]])
+            )
+            rec["actions"].append(action)
+            obs, reward, done, _ = env.step(action)
+            rec["rewards"].append(float(reward))
+            rec["dones"].append(bool(done))
+            if done:
+                success = True
+                break
+    except Exception as exc:  # recorded, not swallowed silently
+        error = f"{type(exc).__name__}: {exc}"
+    n = len(rec["actions"])
+    state_dim = start_state.shape[0]
+    return ExpertRollout(
+        init_state_index=init_state_index,
+        init_state=start_state,
+        actions=np.asarray(rec["actions"], dtype=np.float64).reshape(n, 7),
+        states=np.asarray(rec["states"], dtype=np.float64).reshape(n, state_dim),
+        robot_states=np.asarray(rec["robot_states"], dtype=np.float64).reshape(n, 9),
+        rewards=np.asarray(rec["rewards"], dtype=np.float64),
+        dones=np.asarray(rec["dones"], dtype=np.uint8),
+        obs={k: np.stack(v) for k, v in obs_rec.items()},
+        success=success,
+        num_steps=n,
+        seconds=time.perf_counter() - t0,
+        log=list(expert.log) if expert is not None else [],
+        error=error,
+    )
