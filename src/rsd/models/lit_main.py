@@ -107,7 +107,7 @@ class MainDecoderLitModule(L.LightningModule):
                 m[f"exact_L{k}"].update(exact[:, k].float())
             m["exact_all"].update(exact.all(-1).float())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""``FeatureCacheDataModule``: batches of (hidden state, RFSQ tokens, action chunk) from a feature cache.
+
+The cache's arrays are memory-mapped (``np.load(mmap_mode="r")``); a batch is gathered with one sorted
+fancy-index per array (``Dataset.__getitems__``), not one Python call per sample. Batches are dicts:
+
+- ``hidden``  float32 ``[B, D]``
+- ``tokens``  long ``[B, 8, 128]`` (all ground-truth layers, layers view)
+- ``targets`` long ``[B, num_target_layers, 128]`` the draft's targets: ground-truth coarse layers
+  (``targets: ground_truth``) or the main model's greedy tokens read from ``distill_tokens.npy``
+  (``targets: distill``; ``[N, >=num_target_layers, 128]`` uint8, written next to the cache by the main
+  model's tooling)
+- ``actions`` float32 ``[B, 8, 7]``
+- ``index``   long ``[B]`` frame index into the cache
+
+``prepare_data()`` builds a missing cache (demos -> tokenizer -> cache, ``rsd.data.cache.ensure_default_cache``)
+when ``build_if_missing``; ``setup()`` checks the manifest against the tokenizer it is told about and the
+expected backbone / hidden size, and fails with a clear message on a mismatched or corrupt cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rsd.data.cache import (
+    CacheError,
+    CacheMismatchError,
+    _plain,
+    _resolve,
+    cache_complete,
+    check_identity,
+    ensure_default_cache,
+    open_cache,
+    requested_backbone_id,
+)
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("ground_truth", "distill")
+
+
+class CacheDataset(Dataset):
+    """Rows ``indices`` of a memory-mapped cache; ``__getitems__`` gathers a whole batch at once."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], indices: np.ndarray, num_target_layers: int = 3,
+                 distill: np.ndarray | None = None) -> None:
+        self.hidden = arrays["hidden"]
+        self.tokens = arrays["tokens"]
+        self.actions = arrays["actions"]
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.num_target_layers = num_target_layers
+        self.distill = distill
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        # Rows are read in sorted order (sequential pages when the cache is not in the page cache) and the
+        # batch is returned sorted: the sampler's shuffling already randomises which rows form a batch.
+        rows = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
+        hidden = torch.from_numpy(np.ascontiguousarray(self.hidden[rows])).float()  # torch's f16->f32 is fast
+        tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[rows])).long()
+        actions = torch.from_numpy(np.ascontiguousarray(self.actions[rows]))
+        if self.distill is not None:
+            targets = torch.from_numpy(np.ascontiguousarray(self.distill[rows][:, : self.num_target_layers])).long()
+        else:
+            targets = tokens[:, : self.num_target_layers]
+        return {"hidden": hidden, "tokens": tokens, "targets": targets, "actions": actions,
+                "index": torch.from_numpy(rows)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+
+def _identity_collate(batch: Any) -> Any:
+    return batch
+
+
+class FeatureCacheDataModule(L.LightningDataModule):
+    """Train/val batches from ``cache_dir`` (split by episode, as recorded in ``split.npy``)."""
+
+    def __init__(self, cache_dir: str, batch_size: int = 512, val_batch_size: int | None = None,
+                 num_workers: int = 0, targets: str = "ground_truth", distill_tokens: str | None = None,
+                 num_target_layers: int = 3, tokenizer_path: str | None = None,
+                 tokenizer_identity: str | None = None, backbone: Mapping[str, Any] | None = None,
+                 suite: str | None = None, build_if_missing: bool = True, build: Mapping[str, Any] | None = None,
+                 pin_memory: bool = False, max_train_frames: int | None = None) -> None:
+        super().__init__()
+        if targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+        self.cache_dir = _resolve(cache_dir)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.targets = targets
+        self.distill_tokens = distill_tokens
+        self.num_target_layers = num_target_layers
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer_identity = tokenizer_identity
+        self.backbone_cfg = _plain(backbone) if backbone else None
+        self.suite = suite
+        self.build_if_missing = build_if_missing
+        self.build_cfg = _plain(build) if build else None
+        self.pin_memory = pin_memory
+        self.max_train_frames = max_train_frames
+        self.manifest: dict[str, Any] | None = None
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.train_set: CacheDataset | None = None
+        self.val_set: CacheDataset | None = None
+
+    # ------------------------------------------------------------------ building / checking
+    def prepare_data(self) -> None:
+        if cache_complete(self.cache_dir):
+            return
+        if not self.build_if_missing:
+            raise CacheError(f"no feature cache at {self.cache_dir}. Build it with `python -m rsd.data.cache "
+                             "backbone=sim_state suite=libero_spatial` or set data.build_if_missing=true.")
+        if not self.build_cfg:
+            raise CacheError(f"no feature cache at {self.cache_dir} and no build config (data.build) to make it")
+        cfg = dict(self.build_cfg)
+        cfg.setdefault("cache_dir", str(self.cache_dir))
+        if Path(_resolve(cfg["cache_dir"])) != self.cache_dir:
+            raise CacheError(f"data.build.cache_dir {cfg['cache_dir']} differs from data.cache_dir {self.cache_dir}")
+        ensure_default_cache(cfg)
+
+    def _expected_tokenizer(self) -> str | None:
+        if self.tokenizer_identity:
+            return self.tokenizer_identity
+        if not self.tokenizer_path:
+            return None
+        path = _resolve(self.tokenizer_path)
+        if not path.is_file():
+            log.warning("tokenizer %s not found: cannot check the cache's tokenizer identity", path)
+            return None
+        from rsd.tokenizer.rfsq import RFSQTokenizer
+
+        return RFSQTokenizer.load(path).identity()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.arrays is not None:
+            return
+        if not cache_complete(self.cache_dir):
+            raise CacheError(f"no complete feature cache at {self.cache_dir} (manifest.json and the .npy files). "
+                             "Build it with `python -m rsd.data.cache backbone=sim_state suite=libero_spatial`.")
+        manifest, arrays = open_cache(self.cache_dir)
+        bb = self.backbone_cfg or {}
+        if bb.get("name") and bb["name"] != manifest["backbone"]["name"]:
+            raise CacheMismatchError(f"feature cache {self.cache_dir} holds backbone {manifest['backbone']['name']}"
+                                     f", the run asks for {bb['name']}: use the matching data.cache_dir")
+        check_identity(manifest, self.cache_dir, suite=self.suite, tokenizer=self._expected_tokenizer(),
+                       hidden_dim=bb.get("hidden_dim"),
+                       backbone_id=requested_backbone_id(bb) if bb.get("name") else None)
+        split = np.asarray(arrays["split"])
+        train_idx, val_idx = np.nonzero(split == 0)[0], np.nonzero(split == 1)[0]
+        if not len(train_idx) or not len(val_idx):
+            raise CacheError(f"feature cache {self.cache_dir} has {len(train_idx)} train / {len(val_idx)} val "
+                             "frames; both splits are needed")
+        if self.max_train_frames:
+            train_idx = train_idx[: int(self.max_train_frames)]
+        distill = None
+        if self.targets == "distill":
+            path = Path(self.distill_tokens) if self.distill_tokens else self.cache_dir / "distill_tokens.npy"
+            path = _resolve(path)
+            if not path.is_file():
+                raise CacheError(
+                    f"targets=distill needs the main model's greedy tokens in {path} ([N, >=3, 128] uint8, one "
+                    "row per cache frame), which the main model's tooling writes; it is missing. Use "
+                    "data.targets=ground_truth or generate the file first.")
+            distill = np.load(path, mmap_mode="r")
+            n = manifest["num_frames"]
+            if distill.ndim != 3 or distill.shape[0] != n or distill.shape[1] < self.num_target_layers \
+                    or distill.shape[2] != arrays["tokens"].shape[2]:
+                raise CacheError(f"{path} has shape {distill.shape}, expected [{n}, >={self.num_target_layers}, "
+                                 f"{arrays['tokens'].shape[2]}]: it was made for another cache")
+        self.manifest, self.arrays = manifest, arrays
+        self.train_set = CacheDataset(arrays, train_idx, self.num_target_layers, distill)
+        self.val_set = CacheDataset(arrays, val_idx, self.num_target_layers, distill)
+        log.info("feature cache %s: %d train / %d val frames, backbone %s, tokenizer %s", self.cache_dir,
+                 len(train_idx), len(val_idx), manifest["backbone"]["id"], manifest["tokenizer"]["identity"])
+
+    # ------------------------------------------------------------------ info for the model / export
+    @property
+    def hidden_dim(self) -> int:
+        if self.manifest is None:
+            self.setup()
+        return int(self.manifest["backbone"]["hidden_dim"])  # type: ignore[index]
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What a draft checkpoint records about the data it was trained on."""
+        if self.manifest is None:
+            self.setup()
+        m = self.manifest or {}
+        return {"backbone_id": m["backbone"]["id"], "backbone_name": m["backbone"]["name"],
+                "hidden_dim": int(m["backbone"]["hidden_dim"]), "tokenizer": m["tokenizer"]["identity"],
+                "suite": m["suite"], "cache_dir": str(self.cache_dir), "num_frames": m["num_frames"],
+                "targets": self.targets, "backbone_config": m["backbone"].get("config"),
+                "feature_definition": m["backbone"].get("feature_definition"), "created": m.get("created")}
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: CacheDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            return self._loader(self.train_set if shuffle else self.val_set, shuffle, batch_size)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=_identity_collate, pin_memory=self.pin_memory, drop_last=False,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.val_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def cache_dir_for(backbone: str, suite: str, root: str | os.PathLike | None = None) -> Path:
+    """``data/cache/{backbone}_{suite}`` under the project (or ``root``)."""
+    return (Path(root) if root else _resolve("data/cache")) / f"{backbone}_{suite}"

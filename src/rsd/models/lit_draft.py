@@ -1,0 +1,155 @@
+"""``DraftLitModule``: trains ``RFSQDraftModelWithProjection`` on feature-cache batches.
+
+Loss: cross-entropy over all ``num_coarse_layers x 128`` tokens of the coarse layers L0..L2 (optionally
+weighted per layer, with label smoothing). Metrics, under ``train/`` and ``val/``:
+
+- ``token_acc_L{k}``: fraction of the 128 tokens of layer k predicted right;
+- ``exact_L{k}``: fraction of samples whose whole layer k (all 128 tokens) is right -- what strict
+  speculative verification accepts;
+- ``within1_L{k}`` / ``exact_within1_L{k}``: the same with a tolerance of one FSQ level (|pred - target|
+  <= 1), what the engine's relaxed acceptance with delta=1 accepts;
+- ``accepted_layers``: mean length of the exactly-right prefix of drafted layers (0..3), the strict
+  acceptance the engine would see against ground truth;
+- ``accuracy``: mean token accuracy over the coarse layers (``val/accuracy`` is what ModelCheckpoint
+  monitors and the export records as ``val_accuracy``);
+- ``loss``.
+
+Optimizer: AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr`` (per step). Gradient
+clipping and bf16 autocast come from the trainer config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+
+from rsd.models.draft import RFSQDraftModelWithProjection
+
+log = logging.getLogger(__name__)
+
+#: constructor arguments of RFSQDraftModelWithProjection (what a checkpoint's config["model"] holds)
+MODEL_KEYS = ("input_dim", "hidden_dim", "num_coarse_layers", "chunk_len", "action_hidden_dim", "grid_size",
+              "num_heads", "feedforward_dim", "dropout")
+
+
+class DraftLitModule(L.LightningModule):
+    def __init__(self, input_dim: int = 4096, hidden_dim: int = 512, num_coarse_layers: int = 3,
+                 chunk_len: int = 8, action_hidden_dim: int = 16, grid_size: int = 7, num_heads: int = 8,
+                 feedforward_dim: int = 2048, dropout: float = 0.1, lr: float = 3e-4,
+                 weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int | None = None, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.02,
+                 label_smoothing: float = 0.0, layer_weights: list[float] | None = None) -> None:
+        super().__init__()
+        # plain python (Hydra passes ListConfig), so checkpoints load with torch.load(weights_only=True)
+        betas = tuple(float(b) for b in betas)
+        layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
+        self.save_hyperparameters()
+        self.model = RFSQDraftModelWithProjection(
+            input_dim=input_dim, hidden_dim=hidden_dim, num_coarse_layers=num_coarse_layers, chunk_len=chunk_len,
+            action_hidden_dim=action_hidden_dim, grid_size=grid_size, num_heads=num_heads,
+            feedforward_dim=feedforward_dim, dropout=dropout)
+        self.num_coarse_layers = num_coarse_layers
+        weights = torch.ones(num_coarse_layers) if layer_weights is None else torch.as_tensor(
+            list(layer_weights), dtype=torch.float32)
+        if weights.shape != (num_coarse_layers,):
+            raise ValueError(f"layer_weights needs {num_coarse_layers} entries, got {list(weights.shape)}")
+        self.register_buffer("layer_weights", weights / weights.sum() * num_coarse_layers, persistent=False)
+        names = ["accuracy", "accepted_layers"] + [f"{kind}_L{k}" for k in range(num_coarse_layers)
+                                                   for kind in ("token_acc", "exact", "within1", "exact_within1")]
+        # ModuleDict keys cannot be "train" (Module.train), hence the "_metrics" suffix
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": nn.ModuleDict({n: MeanMetric() for n in names})
+                                      for stage in ("train", "val", "test")})
+
+    # ------------------------------------------------------------------ model
+    def model_config(self) -> dict[str, Any]:
+        """Constructor arguments of the draft model (stored in exported checkpoints)."""
+        return {k: self.hparams[k] for k in MODEL_KEYS}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model(hidden)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dim = getattr(dm, "hidden_dim", None) if dm is not None else None
+        if dim is not None and int(dim) != self.hparams.input_dim:
+            raise ValueError(f"the feature cache has hidden states of size {dim} but the draft model expects "
+                             f"input_dim={self.hparams.input_dim}; set model.input_dim={dim} (or use the "
+                             "matching backbone)")
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        hidden = batch["hidden"]
+        targets = batch["targets"] if "targets" in batch else batch["tokens"][:, : self.num_coarse_layers]
+        targets = targets[:, : self.num_coarse_layers].long()
+        logits = self.model(hidden)  # [B, L, 128, G]
+        b, n_layers, p, g = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(-1, g), targets.reshape(-1), reduction="none",
+                             label_smoothing=self.hparams.label_smoothing).view(b, n_layers, p)
+        loss = (ce.mean(dim=(0, 2)) * self.layer_weights).mean()
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            correct = pred == targets  # [B, L, P]
+            near = (pred - targets).abs() <= 1  # within one FSQ level (relaxed acceptance, delta=1)
+            token_acc = correct.float().mean(-1)  # [B, L]
+            exact = correct.all(-1)  # [B, L]
+            accepted = exact.long().cumprod(-1).sum(-1).float()  # exactly-right prefix length
+            m = self.metrics[f"{stage}_metrics"]
+            m["accuracy"].update(token_acc.mean(-1))
+            m["accepted_layers"].update(accepted)
+            for k in range(n_layers):
+                m[f"token_acc_L{k}"].update(token_acc[:, k])
+                m[f"exact_L{k}"].update(exact[:, k].float())
+                m[f"within1_L{k}"].update(near[:, k].float().mean(-1))
+                m[f"exact_within1_L{k}"].update(near[:, k].all(-1).float())
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=b, sync_dist=True)
+        for name, metric in self.metrics[f"{stage}_metrics"].items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, batch_size=b,
+                     prog_bar=name == "accuracy" and stage == "val")
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    # ------------------------------------------------------------------ checkpoints carry the data identity
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "cache_identity"):
+            try:
+                checkpoint["cache_manifest"] = dm.cache_identity()
+            except Exception as err:  # noqa: BLE001 - the checkpoint itself must still be written
+                log.warning("could not record the cache identity in the checkpoint: %s", err)
+        checkpoint["draft_model_config"] = self.model_config()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # One parameter group, so optimizer_state_dict loads into a plain AdamW(model.parameters()).
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
+                                betas=tuple(hp.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_fraction * total)
+        warmup = max(min(int(warmup), total - 1), 0)
+        floor = hp.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

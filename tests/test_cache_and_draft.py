@@ -1,0 +1,382 @@
+"""Feature cache, draft training (Lightning + Hydra) and draft checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rsd.data.cache import (
+    CacheError,
+    CacheMismatchError,
+    open_cache,
+    read_manifest,
+    requested_backbone_id,
+    write_cache,
+)
+from rsd.data.cache_datamodule import FeatureCacheDataModule
+from rsd.data.splits import is_validation_episode
+from rsd.models.checkpoint import (
+    DraftCheckpointError,
+    inspect_checkpoint,
+    load_draft_checkpoint,
+    resolve_draft_checkpoint,
+)
+from rsd.models.checkpoint import (
+    main as checkpoint_cli,
+)
+from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.utils.config import CONFIG_DIR
+
+D = 64  # tiny hidden size for the synthetic caches
+BACKBONE = {"name": "sim_state", "hidden_dim": D}
+TOKENIZER_ID = "rfsq-test0000"
+
+
+def _episode_keys(n_train: int, n_val: int, suite: str = "libero_spatial") -> list[tuple[str, int]]:
+    """Demo keys with a known split (the shared rule decides; pick keys until both sides are filled)."""
+    out, tr, va, i = [], 0, 0, 0
+    while tr < n_train or va < n_val:
+        key = f"{suite}/0/demo_{i}"
+        if is_validation_episode(key):
+            if va < n_val:
+                out.append((key, 1))
+                va += 1
+        elif tr < n_train:
+            out.append((key, 0))
+            tr += 1
+        i += 1
+    return out
+
+
+def make_tiny_cache(cache_dir: Path, n_train: int = 6, n_val: int = 2, length: int = 24, seed: int = 0,
+                    tokenizer: str = TOKENIZER_ID, backbone: dict | None = None) -> Path:
+    """A learnable synthetic cache: tokens are a fixed function of the hidden state."""
+    rng = np.random.default_rng(seed)
+    backbone = backbone or BACKBONE
+    keys = _episode_keys(n_train, n_val)
+    n = len(keys) * length
+    hidden = rng.standard_normal((n, backbone["hidden_dim"])).astype(np.float16)
+    proj = np.random.default_rng(123).standard_normal((backbone["hidden_dim"], 8 * 128))
+    tokens = np.clip(np.round(hidden.astype(np.float64) @ proj / 8 + 3), 0, 6).astype(np.uint8).reshape(n, 8, 128)
+    actions = rng.uniform(-1, 1, (n, 8, 7)).astype(np.float32)
+    episode = np.repeat(np.arange(len(keys)), length)
+    split = np.repeat([s for _, s in keys], length)
+    manifest = {
+        "backbone": {"name": backbone["name"], "id": requested_backbone_id(backbone),
+                     "hidden_dim": backbone["hidden_dim"], "feature_definition": "synthetic", "config": backbone},
+        "suite": "libero_spatial",
+        "tasks": [{"task_id": 0, "name": "synthetic", "language": "do the thing"}],
+        "episodes": [{"key": k, "split": "val" if s else "train"} for k, s in keys],
+        "tokenizer": {"identity": tokenizer},
+    }
+    return write_cache(cache_dir, hidden, tokens, actions, episode, np.zeros(n, np.int16), split, manifest)
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _train_overrides(tmp_path: Path, cache_dir: Path, *extra: str, run: str = "r1") -> list[str]:
+    return ["experiment=draft_proj", f"data.cache_dir={cache_dir}", f"data.tokenizer_identity={TOKENIZER_ID}",
+            f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+            f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'logs/draft_proj/runs' / run}",
+            "logger=csv", "callbacks.progress_bar=null", "trainer.accelerator=cpu",
+            "model.hidden_dim=64", "model.feedforward_dim=128", "model.num_heads=4", *extra]
+
+
+def _train(cfg):
+    import importlib.util
+
+    from rsd import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment: str) -> None:
+    cfg = _compose([f"experiment={experiment}", "paths.output_dir=/tmp/rsd-compose"])
+    assert cfg.task_name
+    for group in ("data", "model"):
+        assert cfg[group] is not None and "_target_" in cfg[group], f"{experiment}: no {group}"
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_draft_configs() -> None:
+    cfg = _compose(["experiment=draft_proj", "paths.output_dir=/tmp/x"])
+    assert cfg.model.input_dim == cfg.backbone.hidden_dim == 4096
+    assert cfg.data.cache_dir.endswith("data/cache/sim_state_libero_spatial")
+    assert "export_draft" in cfg.callbacks and cfg.callbacks.model_checkpoint.monitor == "val/accuracy"
+    small = _compose(["experiment=draft_proj_small", "paths.output_dir=/tmp/x"])
+    assert small.model.hidden_dim == 256
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cache_cfg = compose(config_name="cache", overrides=["backbone=sim_state", "suite=libero_spatial",
+                                                            "paths.output_dir=/tmp/x"])
+    assert cache_cfg.cache_dir.endswith("sim_state_libero_spatial")
+
+
+def test_vlm_backbones_need_a_model_path() -> None:
+    from rsd.models.backbones import BACKBONES, build_backbone
+    from rsd.models.backbones.hf_vlm import ModelNotFoundError
+
+    assert {"sim_state", "hf_vlm", "openvla"} <= set(BACKBONES)
+    for name in ("hf_vlm", "openvla"):
+        with pytest.raises(ModelNotFoundError, match="no model_path"):
+            build_backbone(name)
+
+
+# ------------------------------------------------------------------------------------------------ backbone
+def test_sim_state_backbone_is_reproducible() -> None:
+    from rsd.models.backbones import backbone_from_config, build_backbone
+
+    obs = {"robot0_eef_pos": [0.1, 0.0, 1.0], "robot0_eef_quat": [1, 0, 0, 0], "robot0_gripper_qpos": [0.02, -0.02],
+           "robot0_joint_pos": np.zeros(7), "robot0_joint_vel": np.zeros(7), "robot0_gripper_qvel": [0, 0],
+           "bowl_1_pos": [0.0, 0.2, 0.9], "bowl_1_quat": [0, 0, 0, 1], "bowl_1_to_robot0_eef_pos": [0, 0, 0],
+           "plate_1_pos": [0.1, 0.2, 0.9], "plate_1_quat": [0, 0, 0, 1]}
+    bb = build_backbone("sim_state")
+    bb.set_task_objects("Put the bowl on the plate", ["bowl_1", "plate_1"], ["bowl_1", "plate_1"])
+    rng = np.random.default_rng(0)
+    raw = np.stack([bb.raw_features(obs, "put the bowl on the plate")] * 5) + rng.normal(0, 0.1, (5, 174))
+    bb.fit(raw)
+    h = bb.encode([obs, obs], ["put the bowl on the plate"] * 2)
+    assert h.shape == (2, 4096) and torch.isfinite(h).all()
+    again = backbone_from_config(json.loads(json.dumps(bb.config())))
+    assert again.backbone_id == bb.backbone_id
+    assert torch.equal(again.encode([obs], ["put the bowl on the plate"]), h[:1])
+    with pytest.raises(Exception, match="unknown task"):
+        bb.encode([obs], ["another task"])
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_roundtrip_and_datamodule(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    manifest, arrays = open_cache(cache)
+    assert manifest["num_frames"] == 8 * 24 and manifest["num_val_episodes"] == 2
+    assert isinstance(arrays["hidden"], np.memmap)
+    dm = FeatureCacheDataModule(str(cache), batch_size=16, tokenizer_identity=TOKENIZER_ID, backbone=BACKBONE,
+                                build_if_missing=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["hidden"].dtype == torch.float32 and batch["hidden"].shape == (16, D)
+    assert batch["tokens"].dtype == torch.long and batch["tokens"].shape == (16, 8, 128)
+    assert batch["targets"].shape == (16, 3, 128) and batch["actions"].shape == (16, 8, 7)
+    idx = batch["index"].numpy()
+    assert np.array_equal(batch["tokens"].numpy(), arrays["tokens"][idx].astype(np.int64))
+    assert (np.asarray(arrays["split"])[idx] == 0).all()
+    val_rows = np.concatenate([b["index"].numpy() for b in dm.val_dataloader()])
+    assert (np.asarray(arrays["split"])[val_rows] == 1).all() and len(val_rows) == 2 * 24
+    assert dm.cache_identity()["tokenizer"] == TOKENIZER_ID
+
+
+def test_cache_mismatches_are_refused(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    # writing another tokenizer's (or backbone's) cache into the folder
+    with pytest.raises(CacheMismatchError, match="tokenizer"):
+        make_tiny_cache(cache, tokenizer="rfsq-other")
+    with pytest.raises(CacheMismatchError, match="backbone_id"):
+        make_tiny_cache(cache, backbone={"name": "sim_state", "hidden_dim": D, "seed": 7})
+    # a datamodule told about another tokenizer / backbone
+    for kwargs, match in (({"tokenizer_identity": "rfsq-other"}, "tokenizer"),
+                          ({"backbone": {"name": "sim_state", "hidden_dim": 128}}, "hidden_dim"),
+                          ({"suite": "libero_goal"}, "suite")):
+        dm = FeatureCacheDataModule(str(cache), build_if_missing=False, **kwargs)
+        with pytest.raises(CacheMismatchError, match=match):
+            dm.setup("fit")
+    # missing cache without building; distill targets without their file; corrupt arrays
+    with pytest.raises(CacheError, match="no feature cache"):
+        FeatureCacheDataModule(str(tmp_path / "none"), build_if_missing=False).prepare_data()
+    with pytest.raises(CacheError, match="distill_tokens.npy"):
+        FeatureCacheDataModule(str(cache), targets="distill").setup("fit")
+    np.save(cache / "tokens.npy", np.zeros((5, 8, 128), np.uint8))
+    with pytest.raises(CacheError, match="tokens.npy has shape"):
+        FeatureCacheDataModule(str(cache)).setup("fit")
+    (cache / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="corrupt"):
+        read_manifest(cache)
+
+
+def test_distill_targets(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    n = read_manifest(cache)["num_frames"]
+    np.save(cache / "distill_tokens.npy", np.full((n, 3, 128), 5, np.uint8))
+    dm = FeatureCacheDataModule(str(cache), batch_size=8, targets="distill")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["targets"] == 5).all()
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_fast_dev_run_draft_proj_and_export(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    cfg = _compose(_train_overrides(tmp_path, cache, "+trainer.fast_dev_run=true"))
+    metrics = _train(cfg)
+    assert "val/accuracy" in metrics and "val/exact_L0" in metrics and "train/token_acc_L2" in metrics
+    out = Path(cfg.paths.output_dir) / "best_draft_with_projection.pt"
+    assert out.is_file()
+    model, info = load_draft_checkpoint(out)
+    assert info["format"] == "rsd" and info["config_source"] == "file"
+    assert info["model_config"]["input_dim"] == D and info["model_config"]["hidden_dim"] == 64
+    assert info["cache_manifest"]["tokenizer"] == TOKENIZER_ID
+    assert info["cache_manifest"]["backbone_id"] == requested_backbone_id(BACKBONE)
+    assert model(torch.zeros(2, D)).shape == (2, 3, 128, 7)
+    # ckpt=best finds it; the inspect CLI prints what the guide checks
+    assert resolve_draft_checkpoint("best", tmp_path / "logs") == out
+    assert checkpoint_cli(["inspect", str(out)]) == 0
+
+
+def test_train_checkpoint_export_and_resume(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    cfg = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=2", "model.lr=3e-3"))
+    _train(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert (run / "checkpoints/last.ckpt").is_file()
+    model, info = load_draft_checkpoint(run / "best_draft_with_projection.pt")
+    best = torch.load(next((run / "checkpoints").glob("epoch_*.ckpt")), weights_only=False)
+    assert abs(info["val_accuracy"] - float(best["callbacks"][next(k for k in best["callbacks"]
+                                                                 if "ModelCheckpoint" in k)]["best_model_score"])) < 1e-6
+    state = {k[len("model."):]: v for k, v in best["state_dict"].items() if k.startswith("model.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # the optimizer state loads into a plain AdamW over the model's parameters (original usage)
+    opt = torch.optim.AdamW(model.parameters())
+    opt.load_state_dict(info["optimizer_state_dict"])
+    # ckpt_path=auto resumes from last.ckpt and continues to epoch 3
+    cfg2 = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=3", "ckpt_path=auto", run="r2"))
+    _train(cfg2)
+    resumed = torch.load(tmp_path / "logs/draft_proj/runs/r2/checkpoints/last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 2  # epochs 0, 1 from the first run, 2 from the resumed one
+
+
+def test_datamodule_rejects_wrong_input_dim(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path / "cache")
+    cfg = _compose(_train_overrides(tmp_path, cache, "+trainer.fast_dev_run=true", "model.input_dim=32"))
+    with pytest.raises(ValueError, match="input_dim"):
+        _train(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _original_file(path: Path, **model_kwargs) -> tuple[Path, RFSQDraftModelWithProjection]:
+    model = RFSQDraftModelWithProjection(**model_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, model.input_dim)).sum().backward()
+    opt.step()
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "epoch": 7, "val_accuracy": 0.5123}, path)
+    return path, model
+
+
+def test_load_original_format(tmp_path: Path, capsys) -> None:
+    path, ref = _original_file(tmp_path / "best_draft_with_projection.pt")
+    model, info = load_draft_checkpoint(path)
+    assert info["format"] == "original" and info["config_source"] == "inferred"
+    assert info["epoch"] == 7 and abs(info["val_accuracy"] - 0.5123) < 1e-9
+    assert info["model_config"]["input_dim"] == 4096 and info["num_parameters"] == sum(
+        p.numel() for p in ref.parameters())
+    ref.eval()
+    x = torch.randn(3, 4096)
+    assert torch.equal(model(x), ref(x))
+    out = inspect_checkpoint(str(path))
+    assert out["has_input_projection"] and out["input_projection.weight"] == [512, 4096]
+    assert checkpoint_cli(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "val_accuracy: 0.5123" in text and "input_projection.weight: present, shape (512, 4096)" in text
+    # another width, inferred from the shapes alone
+    path2, _ = _original_file(tmp_path / "small.pt", input_dim=96, hidden_dim=128, feedforward_dim=256)
+    _, info2 = load_draft_checkpoint(path2)
+    assert (info2["model_config"]["input_dim"], info2["model_config"]["hidden_dim"]) == (96, 128)
+
+
+def test_bad_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(DraftCheckpointError, match="not found"):
+        load_draft_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(DraftCheckpointError, match="no best_draft_with_projection.pt"):
+        resolve_draft_checkpoint("best", tmp_path / "logs")
+    path, _ = _original_file(tmp_path / "good.pt", input_dim=64, hidden_dim=64, feedforward_dim=64)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DraftCheckpointError, match="truncated or corrupt"):
+        load_draft_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(DraftCheckpointError, match="truncated or corrupt"):
+        load_draft_checkpoint(garbage)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "val_accuracy"}, tmp_path / "nokey.pt")
+    with pytest.raises(DraftCheckpointError, match=r"missing keys \['val_accuracy'\]"):
+        load_draft_checkpoint(tmp_path / "nokey.pt")
+    state = dict(ckpt["model_state_dict"])
+    state["decoder.output_norm.weight"] = torch.ones(32)
+    torch.save({**ckpt, "model_state_dict": state}, tmp_path / "shape.pt")
+    with pytest.raises(DraftCheckpointError, match="does not match"):
+        load_draft_checkpoint(tmp_path / "shape.pt")
+    state = {k: v for k, v in ckpt["model_state_dict"].items() if not k.startswith("classification_heads.2")}
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({**ckpt, "model_state_dict": state, "config": {"model": {"input_dim": 64, "hidden_dim": 64,
+                                                                        "feedforward_dim": 64}}},
+               tmp_path / "keys.pt")
+    with pytest.raises(DraftCheckpointError, match="missing .*unexpected"):
+        load_draft_checkpoint(tmp_path / "keys.pt")
+    assert checkpoint_cli(["inspect", str(tmp_path / "missing.pt")]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ simulator
+@pytest.mark.sim
+def test_build_cache_from_demo_file(tmp_path: Path) -> None:
+    """Expert demo (official HDF5 schema) -> cache; evaluation's rebuilt backbone reproduces the features."""
+    pytest.importorskip("libero")
+
+    from rsd.data.cache import backbone_from_manifest, build_cache
+    from rsd.data.chunks import action_chunks
+    from rsd.envs.expert import run_expert_episode
+    from rsd.envs.libero_env import get_init_states, get_task, make_env
+    from rsd.tokenizer.layout import codes_to_layers
+    from rsd.tokenizer.rfsq import RFSQTokenizer
+
+    suite = "libero_spatial"
+    task = get_task(suite, 0)
+    env = make_env(task)
+    try:
+        ep = run_expert_episode(env, task, get_init_states(suite, 0)[0], init_state_index=0, max_steps=16)
+        assert ep.error is None and ep.num_steps == 16
+        from rsd.data.libero_hdf5 import Episode, demo_path, write_demo_file
+
+        # demo_0.. are written in order; the first validation key of task 0 is demo_16 -> 17 copies
+        n_demos = max(int(k.rsplit("_", 1)[1]) for k, _ in _episode_keys(1, 1)) + 1
+        episodes = [Episode(actions=ep.actions, states=ep.states, obs=ep.obs, robot_states=ep.robot_states,
+                            rewards=ep.rewards, dones=ep.dones) for _ in range(n_demos)]
+        write_demo_file(demo_path(tmp_path / "demos", suite, task.name), task, episodes)
+        tok = RFSQTokenizer()
+        tok.normalizer.fit(ep.actions)
+        tok_path = tok.save(tmp_path / "rfsq.pt")
+        cache = build_cache(suite, tmp_path / "cache", tok_path, tmp_path / "demos", {"name": "sim_state"},
+                            progress=False)
+        manifest, arrays = open_cache(cache)
+        assert manifest["num_frames"] == 16 * n_demos and manifest["num_val_episodes"] == 1
+        assert manifest["tokenizer"]["identity"] == tok.identity()
+        assert manifest["tasks"][0]["interest"] == ["akita_black_bowl_1", "plate_1"]
+        expected = codes_to_layers(tok.encode(torch.from_numpy(action_chunks(ep.actions)))).numpy()
+        assert np.array_equal(arrays["tokens"][:16], expected)
+        # evaluation rebuilds the exact transform from the manifest
+        bb = backbone_from_manifest(manifest)
+        obs = env.regenerate_obs_from_state(ep.states[5])
+        h = bb.encode([obs], [task.language]).numpy()[0]
+        assert np.allclose(h.astype(np.float16), arrays["hidden"][5], atol=2e-3)
+        # a second build with another tokenizer into the same folder is refused
+        tok2 = RFSQTokenizer()
+        tok2.normalizer.fit(ep.actions * 2)
+        with pytest.raises(CacheMismatchError, match="tokenizer"):
+            build_cache(suite, cache, tok2.save(tmp_path / "rfsq2.pt"), tmp_path / "demos", {"name": "sim_state"},
+                        progress=False)
+    finally:
+        env.close()
