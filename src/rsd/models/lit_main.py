@@ -13,7 +13,6 @@ as ``rsd.data.cache_datamodule.FeatureCacheDataModule`` yields them.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,7 @@ class MainDecoderLitModule(L.LightningModule):
                                 lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = max(min(int(self.hparams.warmup_steps), total // 10), 1)  # at most 10 % of the run
-        floor = float(self.hparams.min_lr_ratio)
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        sched = warmup_cosine(opt, total, warmup, self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -10,7 +10,6 @@ prefix length n = 1..L on held-out episodes.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -20,6 +19,7 @@ from torch import nn
 from torchmetrics import MeanSquaredError
 
 from rsd.tokenizer.rfsq import RFSQTokenizer
+from rsd.utils.schedules import warmup_cosine
 
 
 class RFSQLitModule(L.LightningModule):
@@ -101,13 +101,5 @@ class RFSQLitModule(L.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams.warmup_steps, total // 10)
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            t = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = warmup_cosine(opt, total, warmup, self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
