@@ -6,7 +6,7 @@ Original format: one ``torch.save``d list of per-sample dicts (``{"hidden_state"
 over the cache's memory-mapped ``.npy`` files (one sorted gather per batch).
 
 Both pipelines train the same draft model (same seed, batch size, optimizer) for the same number of
-steps in this process, side by side; the script prints samples/s for data loading alone and for
+steps in this process, side by side, in alternating rounds (medians reported); the script prints samples/s for data loading alone and for
 training (data + forward/backward/step), the one-off load time of the original file, and the ratios.
 
     .venv/bin/python scripts/benchmark_draft_throughput.py [--cache data/cache/sim_state_libero_spatial]
@@ -96,8 +96,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=0,
                         help="training samples in the original-format file (0: all, as the original stored them)")
     parser.add_argument("--batch-size", type=int, default=512, help="as in conf/data/feature_cache.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per pipeline")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=18, help="timed training steps per pipeline (all rounds)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (median reported)")
     parser.add_argument("--data-batches", type=int, default=60, help="batches for the data-only measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -142,16 +143,27 @@ def main() -> None:
                "threads": torch.get_num_threads(), "original_file_mb": round(orig_file.stat().st_size / 2**20, 1),
                "original_save_s": round(save_s, 2), "original_load_s": round(load_s, 2),
                "cache_open_s": round(open_s, 3)}
-    for name, loader in (("original", orig_loader), ("cache", cache_loader)):
-        s, n = data_only(loader, args.data_batches)
-        results[f"{name}_data_samples_per_s"] = round(n / s, 1)
-    for name, loader, hk, tk in (("original", orig_loader, "hidden_state", "coarse_tokens"),
-                                 ("cache", cache_loader, "hidden", "targets")):
+    # Rounds alternate between the pipelines and the median is reported, so a load change on a shared
+    # machine hits both sides alike.
+    pipelines = {"original": (orig_loader, "hidden_state", "coarse_tokens"),
+                 "cache": (cache_loader, "hidden", "targets")}
+    models = {}
+    for name in pipelines:
         torch.manual_seed(0)
         model = RFSQDraftModelWithProjection(input_dim=dim)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-        s, n = train_steps(model, opt, loader, args.steps, args.warmup, hk, tk)
-        results[f"{name}_train_samples_per_s"] = round(n / s, 1)
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=3e-4))
+    data_rates: dict[str, list[float]] = {n: [] for n in pipelines}
+    train_rates: dict[str, list[float]] = {n: [] for n in pipelines}
+    for _ in range(args.rounds):
+        for name, (loader, hk, tk) in pipelines.items():
+            s, n = data_only(loader, args.data_batches // args.rounds)
+            data_rates[name].append(n / s)
+            s, n = train_steps(*models[name], loader, args.steps // args.rounds, args.warmup, hk, tk)
+            train_rates[name].append(n / s)
+    for name in pipelines:
+        results[f"{name}_data_samples_per_s"] = round(float(np.median(data_rates[name])), 1)
+        results[f"{name}_train_samples_per_s"] = round(float(np.median(train_rates[name])), 1)
+        results[f"{name}_train_samples_per_s_rounds"] = [round(r, 1) for r in train_rates[name]]
     results["data_ratio_cache_over_original"] = round(
         results["cache_data_samples_per_s"] / results["original_data_samples_per_s"], 2)
     results["train_ratio_cache_over_original"] = round(
