@@ -21,7 +21,6 @@ clipping and bf16 autocast come from the trainer config.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import lightning as L
@@ -31,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,5 @@ class DraftLitModule(L.LightningModule):
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_fraction * total)
         warmup = max(min(int(warmup), total - 1), 0)
-        floor = hp.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = warmup_cosine(opt, total, warmup, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
