@@ -210,10 +210,14 @@ def test_distill_targets(tmp_path: Path) -> None:
     cache = make_tiny_cache(tmp_path / "cache")
     n = read_manifest(cache)["num_frames"]
     np.save(cache / "distill_tokens.npy", np.full((n, 3, 128), 5, np.uint8))
+    (cache / "distill_tokens.json").write_text(json.dumps({"main": {"path": "/x/main_decoder.pt", "sha256": "ab"}}))
     dm = FeatureCacheDataModule(str(cache), batch_size=8, targets="distill")
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert (batch["targets"] == 5).all()
+    assert not (batch["tokens"][:, :3] == 5).all()  # the demos' tokens stay available for val/gt_accuracy
+    identity = dm.cache_identity()  # what the exported draft records: which main model it imitates
+    assert identity["targets"] == "distill" and identity["distill_source"]["path"] == "/x/main_decoder.pt"
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -222,6 +226,7 @@ def test_fast_dev_run_draft_proj_and_export(tmp_path: Path) -> None:
     cfg = _compose(_train_overrides(tmp_path, cache, "+trainer.fast_dev_run=true"))
     metrics = _train(cfg)
     assert "val/accuracy" in metrics and "val/exact_L0" in metrics and "train/token_acc_L2" in metrics
+    assert float(metrics["val/gt_accuracy"]) == pytest.approx(float(metrics["val/accuracy"]))  # targets = demos
     out = Path(cfg.paths.output_dir) / "best_draft_with_projection.pt"
     assert out.is_file()
     model, info = load_draft_checkpoint(out)

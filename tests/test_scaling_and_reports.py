@@ -126,8 +126,15 @@ def test_report_markdown_has_the_guide_numbers(fixture_logs, tmp_path):
     assert "| Peak Memory (GPU) | n/a | 2,000 MB | n/a |" in md
     assert "| Draft Acceptance | n/a | 83.3% | - |" in md  # relaxed_d2
     assert "| strict | baseline | 4 | 50.0% | 50.0 ms | n/a | n/a | 40.0 ms | 1,000 MB | n/a |" in md
-    png = tmp_path / "report/report.png"
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    # the acceptance sweep: strict first, then relaxed by delta, each against the baseline
+    sweep = md.split("## Acceptance sweep")[1].split("## All runs")[0]
+    rows = [line for line in sweep.splitlines() if line.startswith("| ") and "Acceptance rule" not in line]
+    assert rows == ["| strict | strict | 4 | 50.0% | 1.50 | 75.0% | 25.0 ms | 2.00x faster (-50.0%) |",
+                    "| relaxed delta=1 | relaxed_d1 | 4 | 66.7% | 2.00 | 75.0% | 23.0 ms | 2.17x faster (-54.0%) |",
+                    "| relaxed delta=2 | relaxed_d2 | 4 | 83.3% | 2.50 | 50.0% | 20.0 ms | 2.50x faster (-60.0%) |"]
+    for name in ("report.png", "sweep.png"):
+        png = tmp_path / "report" / name
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "report/report.json").read_text())
     assert [c["label"] for c in data["comparisons"]] == ["strict", "relaxed_d1", "relaxed_d2"]
     assert data["comparisons"][0]["speculative"]["acceptance_rate"] == pytest.approx(0.5)

@@ -19,6 +19,7 @@ expected backbone / hidden size, and fails with a clear message on a mismatched 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -129,6 +130,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.build_cfg = _plain(build) if build else None
         self.pin_memory = pin_memory
         self.max_train_frames = max_train_frames
+        self.distill_source: dict[str, Any] | None = None
         self.manifest: dict[str, Any] | None = None
         self.arrays: dict[str, np.ndarray] | None = None
         self.train_set: CacheDataset | None = None
@@ -190,14 +192,18 @@ class FeatureCacheDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise CacheError(
                     f"targets=distill needs the main model's greedy tokens in {path} ([N, >=3, 128] uint8, one "
-                    "row per cache frame), which the main model's tooling writes; it is missing. Use "
-                    "data.targets=ground_truth or generate the file first.")
+                    "row per cache frame); it is missing. Write it with `python -m rsd.engine.rsd_engine --main "
+                    f"logs/main_head/runs/<time>/main_decoder.pt --cache-dir {self.cache_dir}` or use "
+                    "data.targets=ground_truth.")
             distill = np.load(path, mmap_mode="r")
             n = manifest["num_frames"]
             if distill.ndim != 3 or distill.shape[0] != n or distill.shape[1] < self.num_target_layers \
                     or distill.shape[2] != arrays["tokens"].shape[2]:
                 raise CacheError(f"{path} has shape {distill.shape}, expected [{n}, >={self.num_target_layers}, "
                                  f"{arrays['tokens'].shape[2]}]: it was made for another cache")
+            sidecar = path.with_suffix(".json")
+            self.distill_source = json.loads(sidecar.read_text()).get("main") if sidecar.is_file() else None
+            log.info("distillation targets %s from main model %s", path, self.distill_source or "(not recorded)")
         self.manifest, self.arrays = manifest, arrays
         self.train_set = CacheDataset(arrays, train_idx, self.num_target_layers, distill)
         self.val_set = CacheDataset(arrays, val_idx, self.num_target_layers, distill)
@@ -219,7 +225,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         return {"backbone_id": m["backbone"]["id"], "backbone_name": m["backbone"]["name"],
                 "hidden_dim": int(m["backbone"]["hidden_dim"]), "tokenizer": m["tokenizer"]["identity"],
                 "suite": m["suite"], "cache_dir": str(self.cache_dir), "num_frames": m["num_frames"],
-                "targets": self.targets, "backbone_config": m["backbone"].get("config"),
+                "targets": self.targets, "distill_source": self.distill_source, "backbone_config": m["backbone"].get("config"),
                 "feature_definition": m["backbone"].get("feature_definition"), "created": m.get("created")}
 
     # ------------------------------------------------------------------ loaders

@@ -32,11 +32,14 @@ including cache allocation and the greedy argmax), ``decode`` (RFSQ decode + pos
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -357,9 +360,12 @@ def greedy_tokens(main, hidden, batch_size: int = 256, device: torch.device | st
 
 
 def write_distill_tokens(main, cache_dir: str | os.PathLike, batch_size: int = 256,
-                         device: torch.device | str | None = None) -> Path:
+                         device: torch.device | str | None = None, source: Mapping[str, Any] | None = None) -> Path:
     """Write ``{cache_dir}/distill_tokens.npy`` (uint8 ``[N, 8, 128]``, one row per cache frame): the main
-    model's greedy tokens, which ``FeatureCacheDataModule(targets="distill")`` trains the draft on."""
+    model's greedy tokens, which ``FeatureCacheDataModule(targets="distill")`` trains the draft on.
+
+    ``distill_tokens.json`` next to it records ``source`` (which main model made them) and the cache's
+    frame count, so a draft trained on them can say which main model it imitates."""
     from rsd.data.cache import CacheError, open_cache
 
     manifest, arrays = open_cache(cache_dir)
@@ -371,7 +377,16 @@ def write_distill_tokens(main, cache_dir: str | os.PathLike, batch_size: int = 2
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, tokens)
     os.replace(tmp, path)
+    info = {"main": dict(source or {}), "num_frames": int(tokens.shape[0]), "shape": list(tokens.shape),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return path
+
+
+def _sha256_prefix(path: str | os.PathLike, length: int = 16) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
 
 
 def _cli(argv: list[str] | None = None) -> int:
@@ -388,7 +403,8 @@ def _cli(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     main = load_main_decoder(args.main, map_location=args.device)
-    path = write_distill_tokens(main, args.cache_dir, args.batch_size, args.device)
+    source = {"path": str(Path(args.main).resolve()), "sha256": _sha256_prefix(args.main)}
+    path = write_distill_tokens(main, args.cache_dir, args.batch_size, args.device, source=source)
     print(f"written {path}")
     return 0
 

@@ -13,7 +13,9 @@ The baseline of a speculative run is the ``baseline`` mode of the same folder (`
 init states), else the first other folder of the same suite that has one. Peak memory is the largest
 per-episode peak of the episode records: GPU (``torch.cuda.max_memory_allocated``) when recorded, else
 the process's resident memory (RSS). Writes ``<out>/report.md``, ``report.png`` (tables + bar charts)
-and ``report.json`` (the numbers).
+and ``report.json`` (the numbers); with two or more speculative runs (e.g. a relaxed-acceptance sweep,
+``python evaluate.py -m policy.acceptance=relaxed policy.delta=1,2,3``) also an acceptance-sweep table
+and ``sweep.png`` (acceptance and success against the rule).
 """
 
 from __future__ import annotations
@@ -130,6 +132,31 @@ def run_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
              fmt_mb(r["peak_cuda_mb"])] for r in rows]
 
 
+SWEEP_HEADER = ["Acceptance rule", "Run", "Episodes", "Draft Acceptance", "Accepted Layers / Chunk",
+                "Success Rate", "Inference Time", "Speedup vs Baseline"]
+
+
+def sweep_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The acceptance sweep: every speculative run ordered by its rule (strict first, then delta / tau),
+    with the speedup over the baseline of the same suite (same folder first)."""
+    spec = [r for r in rows if r["mode"] == "speculative"]
+    base = [r for r in rows if r["mode"] == "baseline"]
+
+    def order(r: Mapping[str, Any]) -> tuple:
+        x = _num(r.get("threshold"))
+        return (0 if r.get("acceptance") == "strict" else 1, x if x is not None else math.inf, str(r["label"]))
+
+    out = []
+    for r in sorted(spec, key=order):
+        b = next((b for b in base if b["path"] == r["path"]), None) or \
+            next((b for b in base if b["suite"] == r["suite"]), None)
+        out.append([str(r.get("threshold_label")), str(r["label"]), str(r["episodes"]), fmt_pct(r["acceptance_rate"]),
+                    "n/a" if _num(r.get("mean_accepted_layers")) is None else f"{float(r['mean_accepted_layers']):.2f}",
+                    fmt_pct(r["success_rate"]), fmt_ms(r["avg_inference_ms"]),
+                    fmt_speedup(r["avg_inference_ms"], b["avg_inference_ms"]) if b else "n/a"])
+    return out
+
+
 def markdown(comps: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], title: str) -> str:
     lines = [f"# {title}", ""]
     suites = sorted({str(r["suite"]) for r in rows})
@@ -148,6 +175,9 @@ def markdown(comps: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any
             eps.append(f"acceptance: {s['threshold_label']}")
         lines += [f"Episodes: {', '.join(eps)}.", ""]
         lines += _md_table(GUIDE_HEADER, c["rows"]) + [""]
+    if sum(r["mode"] == "speculative" for r in rows) >= 2:
+        lines += ["## Acceptance sweep", "", "Draft acceptance against closed-loop success for each acceptance "
+                  "rule (plot: sweep.png).", ""] + _md_table(SWEEP_HEADER, sweep_rows(rows)) + [""]
     lines += ["## All runs", ""] + _md_table(RUN_HEADER, run_rows(rows)) + [""]
     return "\n".join(lines)
 
@@ -219,6 +249,14 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    if sum(r["mode"] == "speculative" for r in rows) >= 2:
+        from rsd.eval.compare import plot_acceptance_vs_success
+
+        sweep_fig = plot_acceptance_vs_success(eval_table(folders))
+        if sweep_fig is not None:
+            paths["sweep_png"] = out / "sweep.png"
+            sweep_fig.savefig(paths["sweep_png"], dpi=110, bbox_inches="tight")
+            plt.close(sweep_fig)
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and math.isnan(x):

@@ -12,6 +12,8 @@ weighted per layer, with label smoothing). Metrics, under ``train/`` and ``val/`
   acceptance the engine would see against ground truth;
 - ``accuracy``: mean token accuracy over the coarse layers (``val/accuracy`` is what ModelCheckpoint
   monitors and the export records as ``val_accuracy``);
+- ``gt_accuracy``: the same against the demonstrations' tokens; differs from ``accuracy`` only when the
+  targets are the main model's greedy tokens (``data.targets=distill``);
 - ``loss``.
 
 Optimizer: AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr`` (per step). Gradient
@@ -61,7 +63,7 @@ class DraftLitModule(L.LightningModule):
         if weights.shape != (num_coarse_layers,):
             raise ValueError(f"layer_weights needs {num_coarse_layers} entries, got {list(weights.shape)}")
         self.register_buffer("layer_weights", weights / weights.sum() * num_coarse_layers, persistent=False)
-        names = ["accuracy", "accepted_layers"] + [f"{kind}_L{k}" for k in range(num_coarse_layers)
+        names = ["accuracy", "gt_accuracy", "accepted_layers"] + [f"{kind}_L{k}" for k in range(num_coarse_layers)
                                                    for kind in ("token_acc", "exact", "within1", "exact_within1")]
         # ModuleDict keys cannot be "train" (Module.train), hence the "_metrics" suffix
         self.metrics = nn.ModuleDict({f"{stage}_metrics": nn.ModuleDict({n: MeanMetric() for n in names})
@@ -102,6 +104,8 @@ class DraftLitModule(L.LightningModule):
             accepted = exact.long().cumprod(-1).sum(-1).float()  # exactly-right prefix length
             m = self.metrics[f"{stage}_metrics"]
             m["accuracy"].update(token_acc.mean(-1))
+            truth = batch["tokens"][:, :n_layers] if "tokens" in batch else targets
+            m["gt_accuracy"].update((pred == truth).float().mean(dim=(1, 2)))
             m["accepted_layers"].update(accepted)
             for k in range(n_layers):
                 m[f"token_acc_L{k}"].update(token_acc[:, k])
