@@ -22,13 +22,7 @@ from rsd.models.main_decoder import (
 
 TINY = dict(input_dim=32, d_model=64, num_blocks=2, num_heads=4, ff_dim=128)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _model(seed: int = 0, **kw) -> RFSQMainDecoder:

@@ -131,7 +131,8 @@ class BowlPlaceExpert:
 
     Build it after ``env.reset()``, ``env.set_init_state(...)`` and the warm-up no-ops (it reads the
     gripper's home orientation then), and call ``action = expert.act(obs)`` once per step; ``reset()``
-    restarts the state machine. ``expert.phase`` and ``expert.log`` describe what it did.
+    restarts the state machine. ``expert.phase`` and ``expert.log`` describe what it did. Another task
+    family subclasses it with its own ``_plan_grasp``, ``_pregrasp_target`` and ``_task_phase``.
     """
 
     @classmethod
@@ -378,7 +379,8 @@ class BowlPlaceExpert:
         ids = list(self._inner.obj_body_id.values())
         return self._d.xpos[ids].copy()
 
-    def _next_side(self) -> bool:
+    def _plan_grasp(self) -> bool:
+        """Aim at the best rim side not tried yet; False when none is left."""
         sides = self._with_visible_collision_geoms(self._score_sides)
         ranked = [s for s in self._rank_sides(sides) if all(abs(s.angle - a) > 1e-6 for a in self._tried)]
         if not ranked:
@@ -395,6 +397,45 @@ class BowlPlaceExpert:
         )
         return True
 
+    # ------------------------------------------------------------------ phases both experts share
+    def _settle(self) -> np.ndarray:
+        """Hold still until the objects stop moving (init states drop them), then plan the grasp."""
+        cfg = self.cfg
+        cur = self._object_positions()
+        if self._prev_positions is not None:
+            speed = np.linalg.norm(cur - self._prev_positions, axis=1).max()
+            self._settled_steps = self._settled_steps + 1 if speed < cfg.settle_speed else 0
+        self._prev_positions = cur
+        if self._settled_steps >= 2 or self.phase_t >= cfg.settle_max_steps:
+            self._set_phase("pregrasp" if self._plan_grasp() else "failed")
+            return self._act()
+        return self._servo(self._hold_pos, -1.0)
+
+    def _pregrasp(self, target: np.ndarray) -> np.ndarray:
+        """Move above the grasp point with the gripper open and turned to the planned yaw."""
+        if self._pos_err(target) < 0.015 and self._ori_err() < 0.08:
+            self._set_phase("descend")
+            return self._act()
+        return self._servo(target, -1.0)
+
+    def _descend(self) -> np.ndarray:
+        """Go down to the grasp point, slower near it; a stall after 10 steps counts as arrived."""
+        target = self._grasp_pos
+        if (self._pos_err(target) < 0.006 and self._ori_err() < 0.05) or (self.phase_t > 10 and self._stall > 5):
+            self._bowl_z_at_grasp = self._body(self._obj_bid)[0][2]
+            self._set_phase("close")
+            return self._act()
+        slow = 0.6 if self._pos_err(target) < 0.04 else None
+        return self._servo(target, -1.0, slow)
+
+    def _release(self, pos: np.ndarray) -> np.ndarray:
+        """Open the gripper where it stood when the phase began, then retreat."""
+        if self.phase_t >= self.cfg.open_steps:
+            self._set_phase("retreat")
+            return self._act()
+        self._hold_pos = pos if self.phase_t == 0 else self._hold_pos
+        return self._servo(self._hold_pos, -1.0)
+
     def act(self, obs: dict | None = None) -> np.ndarray:
         """The next action (``obs`` is accepted for API symmetry; the expert reads ``env.sim``)."""
         action = self._act()
@@ -403,43 +444,30 @@ class BowlPlaceExpert:
         return action
 
     def _act(self) -> np.ndarray:
-        cfg = self.cfg
+        """One step of the state machine: the phases both experts share here, the others in ``_task_phase``."""
         pos, _ = self._eef()
         if self._hold_pos is None:
             self._hold_pos = pos.copy()
-
         if self.phase == "settle":
-            cur = self._object_positions()
-            if self._prev_positions is not None:
-                speed = np.linalg.norm(cur - self._prev_positions, axis=1).max()
-                self._settled_steps = self._settled_steps + 1 if speed < cfg.settle_speed else 0
-            self._prev_positions = cur
-            if self._settled_steps >= 2 or self.phase_t >= cfg.settle_max_steps:
-                if not self._next_side():
-                    self._set_phase("failed")
-                else:
-                    self._set_phase("pregrasp")
-                return self._act()
-            return self._servo(self._hold_pos, -1.0)
-
+            return self._settle()
         if self.phase == "pregrasp":
-            target = self._grasp_pos + np.array([0.0, 0.0, cfg.pregrasp_height])
-            if self._pos_err(target) < 0.015 and self._ori_err() < 0.08:
-                self._set_phase("descend")
-                return self._act()
-            return self._servo(target, -1.0)
-
+            return self._pregrasp(self._pregrasp_target())
         if self.phase == "descend":
-            target = self._grasp_pos
-            if (self._pos_err(target) < 0.006 and self._ori_err() < 0.05) or (
-                self.phase_t > 10 and self._stall > 5
-            ):
-                self._bowl_z_at_grasp = self._body(self._obj_bid)[0][2]
-                self._set_phase("close")
-                return self._act()
-            slow = 0.6 if self._pos_err(target) < 0.04 else None
-            return self._servo(target, -1.0, slow)
+            return self._descend()
+        if self.phase == "release":
+            return self._release(pos)
+        if self.phase == "retreat":
+            return self._servo(self._hold_pos + np.array([0.0, 0.0, 0.1]), -1.0)
+        action = self._task_phase(pos)
+        # failed: hold still with the gripper open.
+        return self._servo(pos, -1.0) if action is None else action
 
+    def _pregrasp_target(self) -> np.ndarray:
+        return self._grasp_pos + np.array([0.0, 0.0, self.cfg.pregrasp_height])
+
+    def _task_phase(self, pos: np.ndarray) -> np.ndarray | None:
+        """The bowl's close, lift, regrasp, carry and lower phases; None in any other phase."""
+        cfg = self.cfg
         if self.phase == "close":
             if self.phase_t >= cfg.close_steps:
                 bowl_pos, bowl_rot = self._body(self._obj_bid)
@@ -477,7 +505,7 @@ class BowlPlaceExpert:
         if self.phase == "regrasp":
             up = np.array([pos[0], pos[1], self._grasp_pos[2] + cfg.pregrasp_height])
             if self.phase_t >= cfg.open_steps and self._pos_err(up) < 0.03:
-                if not self._next_side():
+                if not self._plan_grasp():
                     self._set_phase("failed")
                 else:
                     self._set_phase("pregrasp")
@@ -512,20 +540,7 @@ class BowlPlaceExpert:
                 return self._act()
             slow = 0.5 if abs(pos[2] - z) < 0.04 else None
             return self._servo(target, 1.0, slow)
-
-        if self.phase == "release":
-            if self.phase_t >= cfg.open_steps:
-                self._set_phase("retreat")
-                return self._act()
-            self._hold_pos = pos if self.phase_t == 0 else self._hold_pos
-            return self._servo(self._hold_pos, -1.0)
-
-        if self.phase == "retreat":
-            target = self._hold_pos + np.array([0.0, 0.0, 0.1])
-            return self._servo(target, -1.0)
-
-        # failed: hold still with the gripper open.
-        return self._servo(pos, -1.0)
+        return None
 
 
 class ObjectInBasketExpert(BowlPlaceExpert):
@@ -605,40 +620,13 @@ class ObjectInBasketExpert(BowlPlaceExpert):
     def _site(self) -> np.ndarray:
         return self._d.site_xpos[self._target_site].copy()
 
-    def _act(self) -> np.ndarray:
+    def _pregrasp_target(self) -> np.ndarray:
+        above = max(self._obj_top + 0.06, self._grasp_pos[2] + self.cfg.pregrasp_height)
+        return np.array([self._grasp_pos[0], self._grasp_pos[1], above])
+
+    def _task_phase(self, pos: np.ndarray) -> np.ndarray | None:
+        """The object's close, lift/carry/lower (one slip check) and regrasp phases; None in others."""
         cfg = self.cfg
-        pos, _ = self._eef()
-        if self._hold_pos is None:
-            self._hold_pos = pos.copy()
-
-        if self.phase == "settle":
-            cur = self._object_positions()
-            if self._prev_positions is not None:
-                speed = np.linalg.norm(cur - self._prev_positions, axis=1).max()
-                self._settled_steps = self._settled_steps + 1 if speed < cfg.settle_speed else 0
-            self._prev_positions = cur
-            if self._settled_steps >= 2 or self.phase_t >= cfg.settle_max_steps:
-                self._set_phase("pregrasp" if self._plan_grasp() else "failed")
-                return self._act()
-            return self._servo(self._hold_pos, -1.0)
-
-        if self.phase == "pregrasp":
-            above = max(self._obj_top + 0.06, self._grasp_pos[2] + cfg.pregrasp_height)
-            target = np.array([self._grasp_pos[0], self._grasp_pos[1], above])
-            if self._pos_err(target) < 0.015 and self._ori_err() < 0.08:
-                self._set_phase("descend")
-                return self._act()
-            return self._servo(target, -1.0)
-
-        if self.phase == "descend":
-            target = self._grasp_pos
-            if (self._pos_err(target) < 0.006 and self._ori_err() < 0.05) or (self.phase_t > 10 and self._stall > 5):
-                self._bowl_z_at_grasp = self._body(self._obj_bid)[0][2]
-                self._set_phase("close")
-                return self._act()
-            slow = 0.6 if self._pos_err(target) < 0.04 else None
-            return self._servo(target, -1.0, slow)
-
         if self.phase == "close":
             if self.phase_t >= cfg.close_steps:
                 obj_pos, obj_rot = self._body(self._obj_bid)
@@ -695,17 +683,7 @@ class ObjectInBasketExpert(BowlPlaceExpert):
                 self._set_phase("pregrasp" if self._plan_grasp() else "failed")
                 return self._act()
             return self._servo(up if self.phase_t >= 3 else pos, -1.0)
-
-        if self.phase == "release":
-            if self.phase_t >= cfg.open_steps:
-                self._set_phase("retreat")
-                return self._act()
-            self._hold_pos = pos if self.phase_t == 0 else self._hold_pos
-            return self._servo(self._hold_pos, -1.0)
-
-        if self.phase == "retreat":
-            return self._servo(self._hold_pos + np.array([0.0, 0.0, 0.1]), -1.0)
-        return self._servo(pos, -1.0)
+        return None
 
 
 def make_expert(env, task: TaskSpec, config: ExpertConfig | None = None) -> BowlPlaceExpert:

@@ -38,6 +38,7 @@ import torch
 
 from rsd import PROJECT_ROOT
 from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.utils.export import best_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,16 @@ class ExportDraftCheckpoint(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        ckpt_cb = trainer.checkpoint_callback
-        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        best, score = best_checkpoint(trainer)
         dm = trainer.datamodule
         cache = dm.cache_identity() if dm is not None and hasattr(dm, "cache_identity") else None
-        if best and Path(best).is_file():
+        if best:
             ckpt = torch.load(best, map_location="cpu", weights_only=False)
             state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
             opt_states = ckpt.get("optimizer_states") or [{}]
             optimizer_state = opt_states[0]
             epoch = int(ckpt.get("epoch", 0))
-            score = getattr(ckpt_cb, "best_model_score", None)
-            val_acc = float(score) if score is not None else float("nan")
+            val_acc = score if score is not None else float("nan")
             cache = ckpt.get("cache_manifest") or cache
             source = best
         else:

@@ -25,6 +25,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+from rsd.utils.export import BestCheckpointExport
 from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class MainDecoderLitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class ExportMainDecoder(L.Callback):
+class ExportMainDecoder(BestCheckpointExport):
     """At the end of fit, write the best checkpoint's decoder to ``{output_dir}/main_decoder.pt``.
 
     The file holds ``config`` + ``state_dict`` (load it with ``rsd.models.main_decoder.load_main_decoder``)
@@ -176,26 +177,13 @@ class ExportMainDecoder(L.Callback):
         self.output_dir = output_dir
         self.filename = filename
         self.copy_to = copy_to
-        self._t0: float | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = time.time()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         if not isinstance(pl_module, MainDecoderLitModule):
             raise TypeError(f"ExportMainDecoder expects a MainDecoderLitModule, got {type(pl_module).__name__}")
-        ckpt_cb = trainer.checkpoint_callback
-        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-        best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb is not None else None
-        if best and Path(best).is_file():
-            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
-            log.info("ExportMainDecoder: weights from best checkpoint %s", best)
-        else:
-            log.warning("ExportMainDecoder: no best checkpoint; exporting the final weights")
-            best = ""
+        best, best_score = self.load_best_weights(trainer, pl_module)
         dm = getattr(trainer, "datamodule", None)
         data = {}
         if dm is not None and hasattr(dm, "cache_identity"):
@@ -208,10 +196,10 @@ class ExportMainDecoder(L.Callback):
         extra = {
             "metrics": metrics,
             "best_checkpoint": best,
-            "best_score": None if best_score is None else float(best_score),
+            "best_score": best_score,
             "epoch": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
-            "train_seconds": None if self._t0 is None else time.time() - self._t0,
+            "train_seconds": self.train_seconds(),
             "data": data,
             "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "decoder"},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -10,14 +10,12 @@ next to it (and a copy of the table in the run's output folder).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
-log = logging.getLogger(__name__)
+from rsd.utils.export import BestCheckpointExport
 
 
 def format_table(mse: list[float], title: str = "") -> str:
@@ -27,31 +25,17 @@ def format_table(mse: list[float], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-class ExportTokenizer(L.Callback):
+class ExportTokenizer(BestCheckpointExport):
     def __init__(self, out_path: str, copy_to_output_dir: str | None = None) -> None:
         super().__init__()
         self.out_path = out_path
         self.copy_to_output_dir = copy_to_output_dir
-        self._t0: float | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = time.time()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        train_seconds = None if self._t0 is None else time.time() - self._t0
-        ckpt_cb = trainer.checkpoint_callback
-        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-        best_score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb is not None else None
-        if best and Path(best).is_file():
-            # our own trainer's checkpoint (holds hyper-parameters, not only tensors)
-            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
-            log.info("ExportTokenizer: weights from best checkpoint %s", best)
-        else:
-            log.warning("ExportTokenizer: no best checkpoint; exporting the final weights")
-            best = ""
+        train_seconds = self.train_seconds()
+        best, best_score = self.load_best_weights(trainer, pl_module)
         tok = pl_module.tokenizer
         was_training = tok.training
         tok.eval()
@@ -66,7 +50,7 @@ class ExportTokenizer(L.Callback):
         metadata = {
             "data": summary,
             "best_checkpoint": best,
-            "best_score": None if best_score is None else float(best_score),
+            "best_score": best_score,
             "epochs": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
             "train_seconds": train_seconds,

@@ -1,0 +1,54 @@
+"""What the fit-end export callbacks share: the best checkpoint of the run and the fit's duration.
+
+The exported files come from the best checkpoint that ``ModelCheckpoint`` kept, not from the last
+weights; without one (e.g. ``fast_dev_run``, no validation) they fall back to the final weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def best_checkpoint(trainer: L.Trainer) -> tuple[str, float | None]:
+    """``(path, score)`` of the checkpoint callback's best checkpoint; path ``""`` when no such file exists."""
+    cb = trainer.checkpoint_callback
+    best = getattr(cb, "best_model_path", "") if cb is not None else ""
+    score = getattr(cb, "best_model_score", None) if cb is not None else None
+    if not (best and Path(best).is_file()):
+        best = ""
+    return best, None if score is None else float(score)
+
+
+class BestCheckpointExport(L.Callback):
+    """Base of the callbacks that write a model file at the end of fit from the best checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t0: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.time()
+
+    def train_seconds(self) -> float | None:
+        """Seconds since the fit started (None when ``on_fit_start`` did not run)."""
+        return None if self._t0 is None else time.time() - self._t0
+
+    def load_best_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str, float | None]:
+        """Load the best checkpoint's weights into ``pl_module`` -> ``(path, score)``; path ``""``: final weights."""
+        name = type(self).__name__
+        best, score = best_checkpoint(trainer)
+        if best:
+            # our own trainer's checkpoint (holds hyper-parameters, not only tensors)
+            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
+            pl_module.load_state_dict(state)
+            log.info("%s: weights from best checkpoint %s", name, best)
+        else:
+            log.warning("%s: no best checkpoint; exporting the final weights", name)
+        return best, score
