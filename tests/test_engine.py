@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -444,14 +446,17 @@ def test_write_distill_tokens_feeds_the_draft_datamodule(tmp_path):
                         rng.integers(0, 7, (n, 8, 128)).astype(np.uint8), np.zeros((n, 8, 7), np.float32),
                         episode, np.zeros(n, np.int16), split, manifest)
     main = _tiny_main(d)
-    path = write_distill_tokens(main, cache, batch_size=8)
+    path = write_distill_tokens(main, cache, batch_size=8, source={"path": "main_decoder.pt", "sha256": "0f"})
     distill = np.load(path)
+    info = json.loads(path.with_suffix(".json").read_text())  # which main model the targets come from
+    assert info["main"] == {"path": "main_decoder.pt", "sha256": "0f"} and info["num_frames"] == n
     assert distill.shape == (n, 8, 128) and distill.dtype == np.uint8
     hidden = torch.from_numpy(np.load(cache / "hidden.npy"))
     assert np.array_equal(distill, greedy_tokens(main, hidden, batch_size=n))
     assert np.array_equal(distill[:4], RSDInferenceEngine(main, mode="baseline").predict(hidden[:4]).tokens.numpy())
     dm = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill", build_if_missing=False)
     dm.setup("fit")
+    assert dm.cache_identity()["distill_source"]["path"] == "main_decoder.pt"
     batch = next(iter(dm.val_dataloader()))
     assert torch.equal(batch["targets"], torch.from_numpy(distill[batch["index"].numpy(), :3]).long())
     with pytest.raises(Exception, match="hidden size"):
