@@ -27,7 +27,9 @@ layers are one level off on 8 tokens, so relaxed (delta=1) accepts them. ``--swe
 strict speedup against acceptance (the trained draft's proposals corrupted at a given rate).
 
 Batch 1 (the robot's case) and one intra-op thread by default (on a shared 2-core machine extra
-threads only add contention). Use ``--device cuda`` on a GPU (the engine then times with CUDA events).
+threads only add contention). Use ``--device cuda`` on a GPU (the engine then times with CUDA events);
+``--accelerate compile|cuda_graph`` runs the engines through ``rsd.engine.accelerate`` (the isolated
+call costs stay eager; ``scripts/benchmark_gpu_latency.py`` compares the modes call by call).
 """
 
 from __future__ import annotations
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--accelerate", default="eager", choices=["eager", "compile", "cuda_graph"],
+                   help="the engines' draft/main acceleration (rsd.engine.accelerate; falls back to eager)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
     g = p.add_argument_group("synthetic task")
@@ -392,18 +396,20 @@ def main(argv: list[str] | None = None) -> int:
 
     delta = None if args.delta < 0 else args.delta
     tau = None if args.tau < 0 else args.tau
+    acc = args.accelerate
     engines = {
-        "baseline": RSDInferenceEngine(main_model, tokenizer=tokenizer, mode="baseline"),
-        "strict": RSDInferenceEngine(main_model, draft, tokenizer, mode="strict"),
-        "relaxed": RSDInferenceEngine(main_model, draft, tokenizer, mode="relaxed", delta=delta, tau=tau),
+        "baseline": RSDInferenceEngine(main_model, tokenizer=tokenizer, mode="baseline", accelerate=acc),
+        "strict": RSDInferenceEngine(main_model, draft, tokenizer, mode="strict", accelerate=acc),
+        "relaxed": RSDInferenceEngine(main_model, draft, tokenizer, mode="relaxed", delta=delta, tau=tau,
+                                      accelerate=acc),
     }
     costs = component_costs(main_model, draft, hidden[: args.batch_size].to(dtype))
     n_main = main_model.num_parameters()
     n_draft = sum(p.numel() for p in draft.parameters())
     machine = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                   f", {torch.get_num_threads()} thread(s)")
-    print(f"\nmachine: {machine}; dtype {args.dtype}; batch {args.batch_size}; {hidden.shape[0] // args.batch_size} "
-          f"chunks per mode; main {n_main / 1e6:.1f}M params, draft {n_draft / 1e6:.1f}M")
+    print(f"\nmachine: {machine}; dtype {args.dtype}; accelerate {acc}; batch {args.batch_size}; "
+          f"{hidden.shape[0] // args.batch_size} chunks per mode; main {n_main / 1e6:.1f}M params, draft {n_draft / 1e6:.1f}M")
     print("isolated call costs (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
           + f"; verify/step {costs['main_verify'] / costs['main_step']:.2f}, draft/step "
           f"{costs['draft'] / costs['main_step']:.2f}")
@@ -411,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     gt = data["tokens"][: res["baseline"]["tokens"].shape[0]]
     gt_actions = None if data.get("actions") is None else data["actions"][: gt.shape[0]]
     rows = summarize(res, gt, gt_actions)
-    print(f"\nrelaxed: delta={delta}, tau={tau}")
+    accelerate_info = {k: e.accelerate_info for k, e in engines.items()}
+    print("\naccelerate in use (isolated call costs above are eager): "
+          + "; ".join(f"{k}: draft {v['draft']}, main {v['main']}" + (f" (fallback: {v['fallback']})"
+                                                                       if v["fallback"] else "")
+                      for k, v in accelerate_info.items()))
+    print(f"relaxed: delta={delta}, tau={tau}")
     if "task" in data:
         n_chunks = res["baseline"]["tokens"].shape[0]
         designed = float(data["task"]["stop"][data["cls"][:n_chunks]].float().mean()) / 3
@@ -439,9 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         print("| r | acceptance | main calls/chunk | speedup (draft+main) | median | ideal | identical |")
         print("|---|---|---|---|---|---|---|")
         for rate in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
-            eng = {"baseline": engines["baseline"],
-                   "strict": RSDInferenceEngine(main_model, CorruptedDraft(inner, rate, args.seed), tokenizer,
-                                                mode="strict")}
+            strict_eng = RSDInferenceEngine(main_model, inner, tokenizer, mode="strict", accelerate=acc)
+            # corrupt the (accelerated) draft's output: the corruption itself stays eager
+            strict_eng.draft = CorruptedDraft(strict_eng.draft, rate, args.seed)
+            eng = {"baseline": engines["baseline"], "strict": strict_eng}
             r = summarize(run_modes(eng, hidden, args.batch_size, args.warmup), gt)[1]
             r["target_rate_of_full_acceptance"] = rate
             sweep_rows.append(r)
@@ -449,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['speedup_median']:.2f}x | {r['ideal_speedup']:.2f}x | {r['chunk_agreement'] == 1.0} |",
                   flush=True)
     if args.out:
-        out = {"machine": machine, "dtype": args.dtype, "batch_size": args.batch_size, "source": data["source"],
+        out = {"machine": machine, "dtype": args.dtype, "accelerate": accelerate_info,
+               "batch_size": args.batch_size, "source": data["source"],
                "tokenizer": tok_desc, "main_params": n_main, "draft_params": n_draft, "costs_ms": costs,
                "delta": delta, "tau": tau, "rows": rows, "sweep": sweep_rows,
                "designed_acceptance": designed if "task" in data else None,

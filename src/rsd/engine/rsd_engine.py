@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsd.engine.accelerate import accelerate_models
 from rsd.engine.timing import make_timer
 from rsd.tokenizer.layout import layers_to_codes
 
@@ -199,11 +200,14 @@ class RSDInferenceEngine:
         gripper_dim: action dimension binarized to -1 (open) / +1 (close) by sign; ``None`` keeps it.
         backbone: optional callable ``observation -> hidden [B, D]`` used by :meth:`predict_observation`.
         device: where the models run (default: the main model's device).
+        accelerate: ``"eager"`` (default), ``"compile"`` or ``"cuda_graph"`` (``rsd.engine.accelerate``;
+            falls back to eager with a warning); :attr:`accelerate_info` records what is in use.
     """
 
     def __init__(self, main, draft=None, tokenizer=None, *, mode: str = "strict", delta: int | None = 1,
                  tau: float | None = None, normalizer=None, gripper_dim: int | None = 6,
-                 backbone: Callable | None = None, device: torch.device | str | None = None) -> None:
+                 backbone: Callable | None = None, device: torch.device | str | None = None,
+                 accelerate: str = "eager") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "baseline" and draft is None:
@@ -227,6 +231,7 @@ class RSDInferenceEngine:
         for m in (main, draft):
             if isinstance(m, torch.nn.Module):
                 m.eval()
+        self.draft, self.main, self.accelerate_info = accelerate_models(draft, main, accelerate, self.device)
         self.timer = make_timer(self.device)
         self.stats = self._new_stats()
 

@@ -1,0 +1,250 @@
+"""rsd.engine.accelerate: eager default unchanged, compile == eager tokens (or a clear fallback), cuda_graph
+falls back on CPU, fallbacks at the first call, and the GPU latency benchmark's CPU smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsd.engine import RSDInferenceEngine
+from rsd.engine.accelerate import ACCELERATE_MODES, AcceleratedDraft, _Fallback, accelerate_models
+from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.models.main_decoder import RFSQMainDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
+D_IN = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _models(seed: int = 0):
+    torch.manual_seed(seed)
+    main = RFSQMainDecoder(input_dim=D_IN, d_model=64, num_blocks=2, num_heads=4, ff_dim=128).eval()
+    draft = RFSQDraftModelWithProjection(input_dim=D_IN, hidden_dim=64, num_heads=4, feedforward_dim=128).eval()
+    return main, draft
+
+
+class _OracleDraft:
+    """Proposes the main model's own greedy layers 0..2 (full acceptance): ``tokens[i]`` at the i-th call.
+
+    A test double: it replaces an engine's (accelerated) draft after construction, it is never compiled.
+    """
+
+    num_coarse_layers = 3
+
+    def __init__(self, tokens: list[torch.Tensor]) -> None:
+        self.tokens = [t[:, :3] for t in tokens]
+        self.calls = 0
+
+    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.tokens[self.calls - 1]
+
+
+def _hidden(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(3))
+
+
+def _decode_all(engine: RSDInferenceEngine, hidden: torch.Tensor) -> list[torch.Tensor]:
+    return [engine.predict(hidden[i:i + 1], decode=False).tokens for i in range(hidden.shape[0])]
+
+
+def test_eager_is_the_default_and_changes_nothing():
+    main, draft = _models()
+    eng = RSDInferenceEngine(main, draft, mode="strict")
+    assert eng.main is main and eng.draft is draft
+    assert eng.accelerate_info == {"requested": "eager", "mode": "eager", "draft": "eager", "main": "eager",
+                                   "fallback": None}
+    d, m, info = accelerate_models(draft, main, "eager")
+    assert d is draft and m is main and info["mode"] == "eager"
+    assert RSDInferenceEngine(main, mode="baseline").accelerate_info["draft"] == "none"
+    assert ACCELERATE_MODES == ("eager", "compile", "cuda_graph")
+
+
+def test_unknown_mode_raises():
+    main, draft = _models()
+    with pytest.raises(ValueError, match="accelerate must be one of"):
+        accelerate_models(draft, main, "tensorrt")
+    with pytest.raises(ValueError, match="accelerate must be one of"):
+        RSDInferenceEngine(main, draft, mode="strict", accelerate="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_cuda_graph_on_cpu_falls_back_with_a_warning():
+    main, draft = _models()
+    with pytest.warns(RuntimeWarning, match="CUDA") as rec:
+        eng = RSDInferenceEngine(main, draft, mode="strict", accelerate="cuda_graph")
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    info = eng.accelerate_info
+    assert info["requested"] == "cuda_graph" and info["mode"] == "eager" and "CUDA" in info["fallback"]
+    assert eng.main is main and eng.draft is draft
+    h = _hidden(2)
+    base = RSDInferenceEngine(main, mode="baseline")
+    assert all(torch.equal(a, b) for a, b in zip(_decode_all(eng, h), _decode_all(base, h), strict=True))
+
+
+def test_policy_accelerate_reaches_the_engines():
+    from rsd.eval.policy import EnginePolicy, spec_identity
+
+    main, draft = _models()
+    assert EnginePolicy(object(), draft, main, None).engine_for("speculative").accelerate_info["mode"] == "eager"
+    with pytest.warns(RuntimeWarning, match="CUDA") if not torch.cuda.is_available() else warnings.catch_warnings():
+        pol = EnginePolicy(object(), draft, main, None, accelerate="cuda_graph")
+        eng = pol.engine_for("speculative")
+    assert eng.accelerate_info["requested"] == "cuda_graph"
+    assert pol.info["accelerate_speculative"] is eng.accelerate_info
+    # like device, the option changes timings only: a resumed evaluation may switch it
+    assert spec_identity({"ckpt": "x", "device": "cpu", "accelerate": "compile"}) == {"ckpt": "x"}
+
+
+def _strict_equals_baseline_and_eager(engine_kwargs: dict, accelerated=None):
+    """Strict (random draft and oracle draft) and baseline engines, accelerated vs eager: equal tokens."""
+    main, draft = _models()
+    h = _hidden(4)
+    base = RSDInferenceEngine(main, mode="baseline")
+    ref = _decode_all(base, h)
+    eager_strict = _decode_all(RSDInferenceEngine(main, draft, mode="strict"), h)
+    if accelerated is None:
+        acc_strict = RSDInferenceEngine(main, draft, mode="strict", **engine_kwargs)
+        acc_base = RSDInferenceEngine(main, mode="baseline", **engine_kwargs)
+        oracle = RSDInferenceEngine(main, draft, mode="strict", **engine_kwargs)
+        infos = [e.accelerate_info for e in (acc_strict, acc_base, oracle)]
+    else:  # already accelerated objects, given to plain engines
+        d, m, info = accelerated(draft, main)
+        infos = [info]
+        acc_strict = RSDInferenceEngine(m, d, mode="strict")
+        acc_base = RSDInferenceEngine(m, mode="baseline")
+        oracle = RSDInferenceEngine(m, d, mode="strict")
+    oracle.draft = _OracleDraft(ref)  # the accelerated main decoder verifies a fully right proposal
+    got = _decode_all(acc_strict, h)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(got, eager_strict, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_decode_all(acc_base, h), ref, strict=True))
+    outs = [oracle.predict(h[i:i + 1], decode=False) for i in range(4)]
+    assert all(o.accepted_length == 3 and torch.equal(o.tokens, r) for o, r in zip(outs, ref, strict=True))
+    # the draft's tokens themselves
+    d = acc_strict.draft
+    assert all(torch.equal(d.propose(h[i:i + 1]), draft.propose(h[i:i + 1])) for i in range(4))
+    return infos
+
+
+def test_compile_tracing_gives_eager_tokens():
+    """dynamo + AOT tracing of the draft and of the main decoder's KV-cache steps, without inductor's
+    code generation (fast): the strict engine's tokens equal the baseline's and the eager engine's."""
+    (info,) = _strict_equals_baseline_and_eager(
+        {}, lambda d, m: accelerate_models(d, m, "compile", compile_options={"backend": "aot_eager"}))
+    assert info["mode"] == "compile" and info["fallback"] is None, info
+    assert info["draft"] == info["main"] == "compile(backend=aot_eager)"
+    assert info["draft_check"].startswith("0 of 384 tokens differ")
+
+
+@pytest.mark.slow
+def test_compile_on_this_machine_gives_eager_tokens_or_falls_back():
+    """The real ``accelerate="compile"`` (inductor; C++ on CPU): equal tokens, or one clear fallback."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        infos = _strict_equals_baseline_and_eager({"accelerate": "compile"})
+    ours = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning) and "accelerate=" in str(w.message)]
+    fell_back = [i for i in infos if i["fallback"] is not None]
+    assert len(ours) == len(fell_back)  # one warning per engine that fell back, none otherwise
+    for info in infos:
+        if info["fallback"] is None:
+            assert info["mode"] == "compile" and info["main"].startswith("compile"), info
+            assert info.get("draft_check", "0 of").startswith("0 of"), info  # float32: equal tokens
+        else:  # no compiler, ...: eager, with the reason
+            assert info["mode"] == "eager" and any(info["fallback"] in m for m in ours), (info, ours)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no C++ compiler here (simulated)")
+
+
+def test_failure_at_the_first_call_falls_back_once_with_the_reason():
+    main, draft = _models()
+    h = _hidden(2)
+    ref = _decode_all(RSDInferenceEngine(main, mode="baseline"), h)
+    d, m, info = accelerate_models(draft, main, "compile", compile_options={"backend": _failing_backend})
+    assert info["mode"] == "compile"  # nothing has run yet
+    eng = RSDInferenceEngine(m, d, mode="strict")
+    with pytest.warns(RuntimeWarning, match="simulated") as rec:
+        got = _decode_all(eng, h)
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert info["mode"] == "eager" and info["draft"] == info["main"] == "eager"
+    assert "the draft failed" in info["fallback"] and "simulated" in info["fallback"]
+
+
+def test_a_draft_that_disagrees_with_eager_is_dropped():
+    main, draft = _models()
+    info = {"requested": "compile", "mode": "compile", "draft": "compile", "main": "eager", "fallback": None}
+    wrong = AcceleratedDraft(draft, lambda h: (draft.propose(h) + 1) % 7, _Fallback(info))
+    h = _hidden(1)
+    with pytest.warns(RuntimeWarning, match="differ"):
+        out = wrong.propose(h)
+    assert torch.equal(out, draft.propose(h)) and info["mode"] == "eager"
+    assert info["draft_check"].startswith("384 of 384 tokens differ")
+    assert torch.equal(wrong.propose(h), draft.propose(h))  # eager from now on
+    assert wrong.num_coarse_layers == 3  # other attributes come from the draft
+
+
+def test_gpu_latency_benchmark_cpu_smoke(tmp_path):
+    """The GPU benchmark script runs on CPU (tiny models, 2 iterations) and imports no heavy packages."""
+    out = tmp_path / "lat.json"
+    script = ROOT / "scripts" / "benchmark_gpu_latency.py"
+    argv = [str(script), "--device", "cpu", "--iters", "2", "--warmup", "1", "--tiny", "--hidden-dim", "32",
+            "--dtypes", "float32", "--out", str(out)]
+    code = (f"import runpy, sys; sys.argv = {argv!r}\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('hydra', 'omegaconf', 'wandb', 'libero', 'lightning', 'robosuite', 'transformers', 'h5py'))\n"
+            "print('HEAVY', heavy)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "HEAVY []" in res.stdout, res.stdout[-2000:]
+    data = json.loads(out.read_text())
+    rows = {r["accelerate"]: r for r in data["rows"]}
+    assert set(rows) == {"eager", "cuda_graph"}  # the CPU default
+    for r in rows.values():
+        assert r["tokens_equal_eager"] and r["accepted_a3"] == 3
+        assert set(r["ms"]) == {"draft", "verify", "step", "baseline", "strict_a3", "strict_a0"}
+        assert all(v["median"] > 0 for v in r["ms"].values())
+    assert rows["eager"]["strict_equals_baseline"]["a3"] and rows["eager"]["strict_equals_baseline"]["a0"]
+    if not torch.cuda.is_available():
+        assert rows["cuda_graph"]["info"]["mode"] == "eager" and "CUDA" in rows["cuda_graph"]["info"]["fallback"]
+
+
+def test_make_env_openvla_runs_the_documented_commands():
+    """``make env-openvla`` and the command list in docs/backbones.md are the same (not run: needs network)."""
+    import re
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    doc = (ROOT / "docs" / "backbones.md").read_text()
+    section = doc[doc.index("### 2. The openvla environment"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+    def commands(text: str) -> list[str]:
+        text = text.replace("\\\n", " ")
+        return [" ".join(line.split("    #")[0].split()) for line in text.splitlines() if line.strip()]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENVLA_PYTHON", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    res = subprocess.run(["make", "-n", "--no-print-directory", "env-openvla"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert commands(res.stdout) == commands(block)
