@@ -1,7 +1,7 @@
 """Per-chunk latency of the draft / main decoder / speculative engine: eager vs compile vs cuda_graph.
 
 One self-contained script for a GPU machine (no data, no checkpoints, no network; imports only torch,
-numpy and ``rsd``'s model and engine modules): builds the default-size draft
+numpy and ``rsd``'s model, engine and tokenizer modules, plus transformers with ``--backbone``): builds the default-size draft
 (``RFSQDraftModelWithProjection``) and main decoder (``RFSQMainDecoder``) with random weights, batch 1,
 and for every dtype and acceleration mode (``rsd.engine.accelerate``) measures, as medians over
 ``--iters`` calls after ``--warmup`` calls (CUDA events on GPU, ``perf_counter`` on CPU):
@@ -24,12 +24,51 @@ GPU::
 CPU smoke test (seconds; compile is left out by default on CPU, where inductor needs minutes)::
 
     python scripts/benchmark_gpu_latency.py --device cpu --iters 5
+
+With an OpenVLA-shaped backbone of random weights (``--backbone openvla-shaped``; built offline from
+transformers config classes, no remote code, no download): DINOv2-L/14 (with 4 registers) and
+SigLIP-so400m/14 at 224 px, their 256 patch features each (second-to-last layer, as OpenVLA's fused
+featurizer) concatenated channel-wise (1024 + 1152 = 2176) through OpenVLA's 3-layer GELU MLP projector
+(2176 -> 8704 -> 4096 -> 4096) into a Llama-2-7B text model; the image tokens are spliced in after BOS
+of ``--prompt-tokens`` (20) prompt tokens: 276 tokens. The feature is the last layer (after the final
+norm) at the last prompt token, as ``backbone=openvla``. ``--backbone-scale small|tiny`` keep that
+structure with fewer layers / less width (CPU, seconds; the draft and main decoder then take the
+backbone's hidden size as ``input_dim``; ``tiny`` also uses the tiny draft / main decoder). Measured in
+addition, per dtype (medians over ``--backbone-iters`` calls):
+
+- the backbone's parts (``dino``, ``siglip``, ``projector``, ``vision`` = both towers + projector,
+  ``llm_prefill``) and the whole ``backbone`` forward (vision + projector + prefill -> hidden);
+- OpenVLA's own action generation on the same backbone: ``ar_llm`` = LLM prefill (KV cache, last-token
+  logits) + 6 greedy decode steps (7 action tokens), and ``ar_action`` = vision + projector + ``ar_llm``:
+  one action per backbone pass, i.e. OpenVLA's per-action latency;
+- per (dtype, accelerate) and engine mode (``baseline``, ``strict_a3``, ``strict_a0``): the engine's own
+  per-chunk sections (``RSDInferenceEngine.predict_observation`` with the backbone and a randomly
+  initialised ``RFSQTokenizer``): backbone, draft, main, decode (RFSQ decode to the 8 x 7 chunk) and the
+  chunk total; per-action latency = chunk total / 8; OpenVLA-AR / RSD per action; (draft + main +
+  decode) / backbone in %; and the issue's targets for one H100/H200 (draft <= 0.1 ms at batch 1;
+  draft + main + decode <= 5 % of the backbone forward; per action >= 20x faster than OpenVLA's
+  autoregressive generation), judged on the strict modes' worst case (a=0) and shown for a=3.
+
+Full scale needs ~15 GB of weights in bfloat16: CUDA only (refused on CPU). The dtype defaults to
+bfloat16 on CUDA and float32 on CPU with a backbone (float32 at full scale: ~30 GB and a much slower
+run). The parameters are created directly on the device in the dtype. The JSON is rewritten and a
+summary line printed after every (dtype, accelerate) row, so a run cut short keeps its finished rows;
+``compile`` goes last, as the slowest to set up. One GPU (estimated at a few minutes, not yet run)::
+
+    python scripts/benchmark_gpu_latency.py --device cuda --backbone openvla-shaped --backbone-scale full \
+        --accel eager,cuda_graph,compile --out logs/bench/openvla_shaped_gpu.json
+
+CPU (small scale, ~20 s on one core)::
+
+    python scripts/benchmark_gpu_latency.py --device cpu --backbone openvla-shaped --backbone-scale small \
+        --accel eager --iters 20 --backbone-iters 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -47,8 +86,19 @@ except ModuleNotFoundError:  # not installed: use the checkout's src/
 from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.models.main_decoder import RFSQMainDecoder
+from rsd.tokenizer.layout import CHUNK_LEN
+from rsd.tokenizer.rfsq import RFSQTokenizer
 
 OPS = ("draft", "verify", "step", "baseline", "strict_a3", "strict_a0")
+#: the backbone's own operations (``--backbone``), timed once per dtype
+BACKBONE_OPS = ("dino", "siglip", "projector", "vision", "llm_prefill", "backbone", "ar_llm", "ar_action")
+#: the engine's per-chunk sections (timed end to end with the backbone for baseline, strict_a3, strict_a0)
+SECTIONS = ("backbone", "draft", "main", "decode", "total")
+#: the issue's targets on one H100/H200
+TARGET_DRAFT_MS = 0.1
+TARGET_HEAD_PCT = 5.0
+TARGET_AR_RATIO = 20.0
+OPENVLA_ACTION_TOKENS = 7  # OpenVLA generates one token per action dimension: prefill + 6 decode steps
 
 
 class ForcedDraft:
@@ -61,6 +111,247 @@ class ForcedDraft:
     def propose(self, hidden: torch.Tensor) -> torch.Tensor:
         self.draft.propose(hidden)
         return self.tokens
+
+
+# ---------------------------------------------------------------------- the OpenVLA-shaped backbone
+#: sizes per ``--backbone-scale``: Llama text model, DINOv2 (with registers) and SigLIP vision towers. Every scale
+#: keeps 224 px, patch 14 (256 patches per tower), the 3-layer projector and vocab 32000 (OpenVLA pads it to 32064)
+BACKBONE_SCALES = {
+    "full": {  # Llama-2-7B, DINOv2-L/14 (reg4), SigLIP-so400m/14 at 224 px: OpenVLA-7B's prismatic backbone
+        "llm": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
+        "dino": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4),
+        "siglip": dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304),
+    },
+    "small": {
+        "llm": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1376),
+        "dino": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=4),
+        "siglip": dict(hidden_size=288, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1152),
+    },
+    "tiny": {
+        "llm": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
+        "dino": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=4),
+        "siglip": dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96),
+    },
+}
+IMAGE_SIZE, PATCH_SIZE, VOCAB_SIZE, NUM_REGISTERS = 224, 14, 32000, 4
+
+
+def _forward_kwarg(module, new: str, old: str) -> str:
+    """The name ``module.forward`` takes for an argument transformers renamed (``cache`` / ``past_key_values``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return old
+    return new if new in params else old
+
+
+class OpenVLAShapedBackbone(torch.nn.Module):
+    """OpenVLA's prismatic structure with random weights (transformers classes, no remote code).
+
+    ``forward(obs) -> hidden [1, D]``: DINOv2 + SigLIP patch features (second-to-last layer, prefix tokens
+    dropped, as OpenVLA's timm featurizers) concatenated channel-wise -> fused GELU MLP projector (3 linear
+    layers) -> image tokens spliced in after BOS -> Llama prefill -> last layer (final norm) at the last token.
+    ``generate_action(obs)``: OpenVLA's greedy autoregressive action (7 tokens: prefill + 6 cached steps).
+    ``obs``: ``{"input_ids" [1, T], "pixels_dino" [1, 3, 224, 224], "pixels_siglip" [1, 3, 224, 224]}``.
+    """
+
+    def __init__(self, scale: str) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+        try:
+            from transformers import Dinov2WithRegistersConfig as DinoConfig
+            from transformers import Dinov2WithRegistersModel as DinoModel
+            reg = dict(num_register_tokens=NUM_REGISTERS)
+        except ImportError:  # older transformers: DINOv2 without registers (4 tokens fewer)
+            from transformers import Dinov2Config as DinoConfig
+            from transformers import Dinov2Model as DinoModel
+            reg = {}
+        sizes = BACKBONE_SCALES[scale]
+        self.scale = scale
+        self.dino = DinoModel(DinoConfig(**sizes["dino"], image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                                         layerscale_value=1.0, **reg)).eval()
+        self.num_prefix = 1 + int(reg.get("num_register_tokens", 0))  # CLS (+ registers)
+        self.siglip = SiglipVisionModel(SiglipVisionConfig(**sizes["siglip"], image_size=IMAGE_SIZE,
+                                                           patch_size=PATCH_SIZE, vision_use_head=False)).eval()
+        llm = sizes["llm"]
+        self.llm = LlamaForCausalLM(LlamaConfig(**llm, num_key_value_heads=llm["num_attention_heads"],
+                                                vocab_size=VOCAB_SIZE, max_position_embeddings=2048,
+                                                rms_norm_eps=1e-5, tie_word_embeddings=False)).eval()
+        vision_dim = sizes["dino"]["hidden_size"] + sizes["siglip"]["hidden_size"]
+        d = llm["hidden_size"]
+        # OpenVLA's FusedMLPProjector ("fused-gelu-mlp"): vision_dim -> 4 * vision_dim -> D -> D
+        self.projector = torch.nn.Sequential(torch.nn.Linear(vision_dim, 4 * vision_dim), torch.nn.GELU(),
+                                             torch.nn.Linear(4 * vision_dim, d), torch.nn.GELU(),
+                                             torch.nn.Linear(d, d)).eval()
+        self.hidden_dim = d
+        self.vision_dim = vision_dim
+        self._cache_kwarg = _forward_kwarg(self.llm, "cache", "past_key_values")
+
+    def sizes(self) -> dict:
+        """The exact sizes and parameter counts (printed and written to the JSON)."""
+        def count(m):
+            return sum(p.numel() for p in m.parameters())
+
+        out = {k: dict(v) for k, v in BACKBONE_SCALES[self.scale].items()}
+        out["llm"].update(vocab_size=VOCAB_SIZE, attn=getattr(self.llm.config, "_attn_implementation", None))
+        out["dino"]["num_register_tokens"] = self.num_prefix - 1
+        out["projector"] = [self.vision_dim, 4 * self.vision_dim, self.hidden_dim, self.hidden_dim]
+        out["image"] = dict(size=IMAGE_SIZE, patch=PATCH_SIZE, patches_per_tower=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        out["params_m"] = {k: round(count(getattr(self, k)) / 1e6, 2) for k in ("dino", "siglip", "projector", "llm")}
+        out["params_m"]["total"] = round(count(self) / 1e6, 2)
+        return out
+
+    def dino_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.dino(pixel_values=pixels, output_hidden_states=True)
+        return out.hidden_states[-2][:, self.num_prefix:]
+
+    def siglip_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.siglip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+    def image_tokens(self, obs: dict) -> torch.Tensor:
+        fused = torch.cat([self.dino_patches(obs["pixels_dino"]), self.siglip_patches(obs["pixels_siglip"])], dim=-1)
+        return self.projector(fused)
+
+    def embeddings(self, obs: dict) -> torch.Tensor:
+        """``[1, T + 256, D]``: BOS, the image tokens, the rest of the prompt (OpenVLA's order)."""
+        text = self.llm.get_input_embeddings()(obs["input_ids"])
+        return torch.cat([text[:, :1], self.image_tokens(obs), text[:, 1:]], dim=1)
+
+    def features(self, embeds: torch.Tensor) -> torch.Tensor:
+        """LLM prefill without the LM head -> last layer (after the final norm) at the last token."""
+        return self.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
+
+    def forward(self, obs: dict) -> torch.Tensor:
+        return self.features(self.embeddings(obs))
+
+    def generate_from_embeddings(self, embeds: torch.Tensor, num_tokens: int = OPENVLA_ACTION_TOKENS) -> torch.Tensor:
+        """Greedy decoding with a KV cache: prefill (last-token logits) + ``num_tokens - 1`` steps -> ``[1, n]``."""
+        out = self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        # the output field follows the argument's name (``cache`` on recent 5.x, ``past_key_values`` before)
+        cache = getattr(out, self._cache_kwarg, None)
+        if cache is None:
+            cache = out.cache if self._cache_kwarg == "past_key_values" else out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        for _ in range(num_tokens - 1):
+            out = self.llm(input_ids=token, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+    def generate_action(self, obs: dict) -> torch.Tensor:
+        """OpenVLA's per-action path on this backbone: vision + projector + prefill + 6 decode steps."""
+        return self.generate_from_embeddings(self.embeddings(obs))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def build_backbone(scale: str, dtype: torch.dtype, device: torch.device, prompt_tokens: int, seed: int):
+    """The backbone built on ``device`` in ``dtype`` (random weights) and one observation for it."""
+    if scale == "full" and device.type != "cuda":
+        raise SystemExit("--backbone-scale full is a 7.5 B parameter model (~15 GB in bfloat16, ~30 GB in float32): "
+                         "it runs on CUDA only (model construction and a 7B forward are out of reach of a CPU "
+                         "benchmark); use --backbone-scale small or tiny on a CPU")
+    if scale == "full" and device.type == "cuda":
+        need = 7.6e9 * torch.finfo(dtype).bits / 8 + 2e9
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < need:
+            raise SystemExit(f"--backbone-scale full in {dtype} needs ~{need / 1e9:.0f} GB of GPU memory, "
+                             f"{free / 1e9:.0f} GB free on {torch.cuda.get_device_name(device)}")
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created (and initialised) on the device in the dtype
+    try:
+        with torch.device(device):
+            backbone = OpenVLAShapedBackbone(scale)
+    finally:
+        torch.set_default_dtype(old)
+    bad = {(p.device.type, p.dtype) for p in backbone.parameters()} - {(device.type, dtype)}
+    if bad:  # not expected (every parameter is created under the device / dtype above); cast what is not
+        print(f"note: backbone parameters in {sorted(map(str, bad))}, moved to {device} / {dtype}", flush=True)
+        backbone.to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 2)
+    ids = torch.randint(3, VOCAB_SIZE, (1, prompt_tokens), generator=g)
+    ids[0, 0] = 1  # BOS
+    ids[0, -1] = 29871  # the empty token OpenVLA's predict_action appends
+    obs = {"input_ids": ids.to(device),
+           "pixels_dino": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device=device, dtype=dtype),
+           "pixels_siglip": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device=device, dtype=dtype)}
+    return backbone, obs
+
+
+def bench_backbone(backbone: OpenVLAShapedBackbone, obs: dict, args, device: torch.device) -> dict:
+    """Medians of the backbone's parts, its whole forward, and OpenVLA's autoregressive action."""
+    iters, warmup = args.backbone_iters, args.backbone_warmup
+    with torch.inference_mode():
+        fused = torch.cat([backbone.dino_patches(obs["pixels_dino"]),
+                           backbone.siglip_patches(obs["pixels_siglip"])], dim=-1)
+        embeds = backbone.embeddings(obs)
+        hidden = backbone(obs)
+        action_tokens = backbone.generate_action(obs)
+        ops = {
+            "dino": lambda: backbone.dino_patches(obs["pixels_dino"]),
+            "siglip": lambda: backbone.siglip_patches(obs["pixels_siglip"]),
+            "projector": lambda: backbone.projector(fused),
+            "vision": lambda: backbone.image_tokens(obs),
+            "llm_prefill": lambda: backbone.features(embeds),
+            "backbone": lambda: backbone(obs),
+            "ar_llm": lambda: backbone.generate_from_embeddings(embeds),
+            "ar_action": lambda: backbone.generate_action(obs),
+        }
+        ms = {}
+        for name, fn in ops.items():
+            ms[name] = timed(fn, iters, warmup, device)
+            print(f"  {name}: {ms[name]['median']:.3f} ms", flush=True)
+    return {"ms": ms, "tokens": int(embeds.shape[1]), "hidden_finite": bool(torch.isfinite(hidden).all()),
+            "ar_action_tokens": int(action_tokens.shape[1])}
+
+
+def bench_chunks(engines: dict, obs: dict, args) -> dict:
+    """Per-chunk medians of the engine's own sections (``predict_observation``: backbone, draft, main, decode)."""
+    out = {}
+    for name, engine in engines.items():
+        for _ in range(args.backbone_warmup):
+            engine.predict_observation(obs)
+        times = [engine.predict_observation(obs).times for _ in range(args.backbone_iters)]
+        out[name] = {s: 1e3 * statistics.median([t.get(s, 0.0) for t in times]) for s in SECTIONS}
+    return out
+
+
+def chunk_summary(chunk: dict, backbone_res: dict, draft_ms: float) -> dict:
+    """Per-mode totals, per-action latency, ratios and the targets (see the module docstring)."""
+    ar_action = backbone_res["ms"]["ar_action"]["median"]
+    modes = {}
+    for name, sec in chunk.items():
+        head = sec["draft"] + sec["main"] + sec["decode"]
+        per_action = sec["total"] / CHUNK_LEN
+        modes[name] = {**{f"{s}_ms": sec[s] for s in SECTIONS if s != "total"}, "chunk_ms": sec["total"],
+                       "chunk_sum_ms": sec["backbone"] + head, "head_ms": head,
+                       "head_pct_of_backbone": 100.0 * head / sec["backbone"],
+                       "per_action_ms": per_action, "ar_per_action_ms": ar_action,
+                       "ar_over_rsd_per_action": ar_action / per_action}
+    strict = ("strict_a3", "strict_a0")
+    head_pct = {k: modes[k]["head_pct_of_backbone"] for k in strict}
+    ratio = {k: modes[k]["ar_over_rsd_per_action"] for k in strict}
+    targets = {
+        "draft_ms": {"target": f"<= {TARGET_DRAFT_MS} ms", "value": draft_ms, "met": draft_ms <= TARGET_DRAFT_MS},
+        "head_pct_of_backbone": {"target": f"<= {TARGET_HEAD_PCT} %", "a3": head_pct["strict_a3"],
+                                 "a0": head_pct["strict_a0"], "met": max(head_pct.values()) <= TARGET_HEAD_PCT},
+        "ar_over_rsd_per_action": {"target": f">= {TARGET_AR_RATIO}x", "a3": ratio["strict_a3"],
+                                   "a0": ratio["strict_a0"], "met": min(ratio.values()) >= TARGET_AR_RATIO},
+    }
+    return {"modes": modes, "targets": targets}
 
 
 def build_models(args, dtype: torch.dtype, device: torch.device):
@@ -99,7 +390,10 @@ def timed(fn, iters: int, warmup: int, device: torch.device) -> dict:
     return {"median": statistics.median(ms), "p10": float(q[0]), "p90": float(q[1])}
 
 
-def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torch.device) -> dict:
+def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torch.device,
+               backbone=None, obs=None, tokenizer=None) -> dict:
+    """The call-by-call ops; with ``backbone`` (``hidden`` = its output on ``obs``) also the engines' per-chunk
+    sections end to end (``predict_observation`` with ``tokenizer``'s decode) in ``res["chunk"]``."""
     t0 = time.perf_counter()
     # one accelerated draft / main shared by the three engines (compiled once; given to the engines as they are)
     d, m, info = accelerate_models(draft, main, accel, device)
@@ -132,7 +426,16 @@ def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torc
         res = {name: timed(fn, args.iters, args.warmup, device) for name, fn in ops.items()}
         check = {"tokens": greedy.cpu(), "drafted": drafted.cpu(), "a3_tokens": out_a3.tokens.cpu(),
                  "a0_tokens": out_a0.tokens.cpu()}
-    return {"accelerate": accel, "info": dict(info), "setup_s": setup_s,
+    extra = {}
+    if backbone is not None:
+        kw = dict(tokenizer=tokenizer, backbone=backbone, device=device)
+        engines = {"baseline": RSDInferenceEngine(m, mode="baseline", **kw),
+                   "strict_a3": RSDInferenceEngine(m, ForcedDraft(d, greedy[:, : draft.num_coarse_layers].clone()),
+                                                   mode="strict", **kw),
+                   "strict_a0": RSDInferenceEngine(m, d, mode="strict", **kw)}
+        extra["chunk"] = bench_chunks(engines, obs, args)
+        extra["chunk_accepted"] = {k: e.stats.mean_accepted_length for k, e in engines.items() if k != "baseline"}
+    return {**extra, "accelerate": accel, "info": dict(info), "setup_s": setup_s,
             "ms": res, "accepted_a3": out_a3.accepted_length, "accepted_a0": out_a0.accepted_length,
             # strict is lossless up to float rounding: its verification scores 4 layers in one call
             "strict_equals_baseline": {"a3": bool(torch.equal(out_a3.tokens, greedy)),
@@ -165,24 +468,77 @@ def print_tables(rows: list[dict]) -> None:
         print(f"\n{r['dtype']} {r['accelerate']}: fell back to eager: {r['info']['fallback']}")
 
 
+def print_backbone_tables(machine: dict, bb: dict, rows: list[dict]) -> None:
+    name = machine["name"]
+    print(f"\nOpenVLA-shaped backbone ({bb['scale']} scale, random weights, {bb['tokens']} tokens), "
+          f"median ms per call, batch 1, on {name}:\n")
+    print("| dtype | " + " | ".join(BACKBONE_OPS) + " |")
+    print("|---|" + "---|" * len(BACKBONE_OPS))
+    for dt, r in bb["results"].items():
+        print(f"| {dt} | " + " | ".join(f"{r['ms'][o]['median']:.3f}" for o in BACKBONE_OPS) + " |")
+    print("\n(ar_llm: LLM prefill + 6 greedy decode steps with KV cache; ar_action: vision + projector + ar_llm = "
+          "OpenVLA's autoregressive latency per action)")
+    print(f"\nper chunk of {CHUNK_LEN} actions, median ms of the engine's sections (predict_observation), on {name}:\n")
+    print("| dtype | accelerate | mode | backbone | draft | main | decode | chunk total | draft+main+decode "
+          "| % of backbone | per action (total/8) | OpenVLA AR per action | AR / RSD per action |")
+    print("|---|---|---|" + "---|" * 10)
+    for r in rows:
+        for mode, m in r["chunk_summary"]["modes"].items():
+            print(f"| {r['dtype']} | {r['accelerate']} | {mode} | {m['backbone_ms']:.3f} | {m['draft_ms']:.3f} | "
+                  f"{m['main_ms']:.3f} | {m['decode_ms']:.3f} | {m['chunk_ms']:.3f} | {m['head_ms']:.3f} | "
+                  f"{m['head_pct_of_backbone']:.1f} % | {m['per_action_ms']:.3f} | {m['ar_per_action_ms']:.3f} | "
+                  f"{m['ar_over_rsd_per_action']:.1f}x |")
+    print(f"\ntargets (set for one H100/H200; this run: {name}); strict worst case a=0 decides, a=3 shown:\n")
+    print(f"| dtype | accelerate | draft ms (<= {TARGET_DRAFT_MS}) | (draft+main+decode) / backbone, a=3 / a=0 "
+          f"(<= {TARGET_HEAD_PCT} %) | OpenVLA AR / RSD per action, a=3 / a=0 (>= {TARGET_AR_RATIO:.0f}x) |")
+    print("|---|---|---|---|---|")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for r in rows:
+        t = r["chunk_summary"]["targets"]
+        d, h, a = t["draft_ms"], t["head_pct_of_backbone"], t["ar_over_rsd_per_action"]
+        print(f"| {r['dtype']} | {r['accelerate']} | {d['value']:.3f}: {met(d['met'])} | "
+              f"{h['a3']:.1f} % / {h['a0']:.1f} %: {met(h['met'])} | {a['a3']:.1f}x / {a['a0']:.1f}x: {met(a['met'])} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated (default float32,bfloat16; with --backbone: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--accel", default=None,
                    help=f"comma-separated of {ACCELERATE_MODES} (default: all on CUDA, eager,cuda_graph on CPU)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--warmup", type=int, default=None, help="default: min(20, iters)")
-    p.add_argument("--hidden-dim", type=int, default=4096)
+    p.add_argument("--hidden-dim", type=int, default=4096, help="draft / main input size (without --backbone)")
     p.add_argument("--tiny", action="store_true", help="tiny models (tests), not the default sizes")
+    p.add_argument("--backbone", choices=("none", "openvla-shaped"), default="none",
+                   help="also time a random-weight OpenVLA-shaped backbone, OpenVLA's autoregressive action and the "
+                        "engine per chunk end to end (needs transformers)")
+    p.add_argument("--backbone-scale", choices=tuple(BACKBONE_SCALES), default="full",
+                   help="full: Llama-2-7B + DINOv2-L + SigLIP-so400m (CUDA only); small / tiny: the same structure, "
+                        "smaller (tiny also uses the tiny draft / main decoder)")
+    p.add_argument("--backbone-iters", type=int, default=20, help="timed calls of each backbone op / engine chunk")
+    p.add_argument("--backbone-warmup", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=20,
+                   help="prompt tokens incl. BOS and the empty token (+256 image tokens = 276 by default)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
+    use_backbone = args.backbone != "none"
+    if use_backbone and args.backbone_scale == "full" and device.type != "cuda":
+        build_backbone("full", torch.float32, device, args.prompt_tokens, args.seed)  # raises the explanation
+    if use_backbone and args.backbone_scale == "tiny":
+        args.tiny = True
+    if use_backbone:
+        args.hidden_dim = BACKBONE_SCALES[args.backbone_scale]["llm"]["hidden_size"]
     torch.set_num_threads(args.threads)
     args.warmup = min(20, args.iters) if args.warmup is None else args.warmup
     accels = (args.accel or ",".join(ACCELERATE_MODES if device.type == "cuda" else ("eager", "cuda_graph")))
@@ -192,24 +548,62 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in accels if a not in ACCELERATE_MODES]
     if bad:
         raise SystemExit(f"unknown --accel {bad}; choose from {ACCELERATE_MODES}")
+    if args.dtypes is None:
+        args.dtypes = ("bfloat16" if device.type == "cuda" else "float32") if use_backbone else "float32,bfloat16"
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     machine = {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else platform.processor() or platform.machine(), "torch": torch.__version__,
+               else cpu_name(), "torch": torch.__version__,
                "cuda": torch.version.cuda, "python": platform.python_version(),
                "threads": torch.get_num_threads()}
+    if use_backbone:
+        import transformers
+
+        machine["transformers"] = transformers.__version__
     print(f"machine: {machine}; iters {args.iters}, warmup {args.warmup}; "
           f"models: {'tiny' if args.tiny else 'default size'}, hidden {args.hidden_dim}", flush=True)
 
     rows = []
+    bb = None
+    if use_backbone:
+        bb = {"name": args.backbone, "scale": args.backbone_scale, "prompt_tokens": args.prompt_tokens,
+              "iters": args.backbone_iters, "warmup": args.backbone_warmup, "results": {}}
+
+    def write_out() -> None:
+        if not args.out:
+            return
+        out = {"machine": machine, "batch_size": 1, "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny,
+               "hidden_dim": args.hidden_dim, "rows": rows, "argv": sys.argv[1:] if argv is None else argv}
+        if bb is not None:
+            out.update(backbone=bb, chunk_len=CHUNK_LEN)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+
     for dt in dtypes:
         dtype = getattr(torch, dt)
+        backbone = obs = tokenizer = None
+        if use_backbone:
+            t0 = time.perf_counter()
+            backbone, obs = build_backbone(args.backbone_scale, dtype, device, args.prompt_tokens, args.seed)
+            bb["sizes"] = backbone.sizes()
+            print(f"[{dt}] OpenVLA-shaped backbone, {args.backbone_scale} scale, built in "
+                  f"{time.perf_counter() - t0:.1f} s: {bb['sizes']}", flush=True)
+            r = bench_backbone(backbone, obs, args, device)
+            bb["tokens"] = r["tokens"]
+            r["build_s"] = time.perf_counter() - t0
+            bb["results"][dt] = r
+            with torch.inference_mode():
+                hidden = backbone(obs).to(dtype)
+            torch.manual_seed(args.seed)
+            tokenizer = RFSQTokenizer().to(device).eval()  # random weights; float32 (as the engine loads it)
+            write_out()
         main_model, draft = build_models(args, dtype, device)
-        hidden = torch.randn(1, args.hidden_dim, generator=torch.Generator().manual_seed(args.seed + 1))
-        hidden = hidden.to(device=device, dtype=dtype)
+        if not use_backbone:
+            hidden = torch.randn(1, args.hidden_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+            hidden = hidden.to(device=device, dtype=dtype)
         ref = None
         for accel in accels:
             print(f"[{dt} {accel}] ...", flush=True)
-            r = bench_mode(main_model, draft, hidden, accel, args, device)
+            r = bench_mode(main_model, draft, hidden, accel, args, device, backbone, obs, tokenizer)
             r["dtype"] = dt
             check = r.pop("_check")
             if accel == "eager":
@@ -219,21 +613,30 @@ def main(argv: list[str] | None = None) -> int:
             r["vs_eager"] = {o: eager_r["ms"][o]["median"] / r["ms"][o]["median"] for o in OPS}
             r["speedup_a3"] = r["ms"]["baseline"]["median"] / r["ms"]["strict_a3"]["median"]
             r["speedup_a0"] = r["ms"]["baseline"]["median"] / r["ms"]["strict_a0"]["median"]
+            if use_backbone:
+                r["chunk_summary"] = chunk_summary(r["chunk"], bb["results"][dt], r["ms"]["draft"]["median"])
             print(f"[{dt} {accel}] in use: draft {r['info']['draft']}, main {r['info']['main']}; setup "
                   f"{r['setup_s']:.1f} s; baseline {r['ms']['baseline']['median']:.3f} ms, strict a=3 "
                   f"{r['ms']['strict_a3']['median']:.3f} ms (accepted {r['accepted_a3']}), tokens == eager: "
                   f"{r['tokens_equal_eager']}" + (f"; draft check: {r['info']['draft_check']}"
                                                   if r["info"].get("draft_check") else ""), flush=True)
+            if use_backbone:  # the row's chunk summary now (the tables come at the end)
+                for mode, m in r["chunk_summary"]["modes"].items():
+                    print(f"[{dt} {accel}] {mode}: chunk {m['chunk_ms']:.3f} ms (backbone {m['backbone_ms']:.3f}, "
+                          f"draft {m['draft_ms']:.3f}, main {m['main_ms']:.3f}, decode {m['decode_ms']:.3f}); "
+                          f"per action {m['per_action_ms']:.3f} ms; draft+main+decode "
+                          f"{m['head_pct_of_backbone']:.1f} % of the backbone; OpenVLA AR / RSD per action "
+                          f"{m['ar_over_rsd_per_action']:.1f}x", flush=True)
             rows.append(r)
-        del main_model, draft
+            write_out()
+        del main_model, draft, backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_tables(rows)
+    if use_backbone:
+        print_backbone_tables(machine, bb, rows)
     if args.out:
-        out = {"machine": machine, "batch_size": 1, "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny,
-               "hidden_dim": args.hidden_dim, "rows": rows, "argv": sys.argv[1:] if argv is None else argv}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        write_out()
         print(f"\nwritten {args.out}")
     return 0
 

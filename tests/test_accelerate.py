@@ -248,3 +248,73 @@ def test_make_env_openvla_runs_the_documented_commands():
                          text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert commands(res.stdout) == commands(block)
+
+
+def test_gpu_latency_benchmark_openvla_shaped_backbone_tiny_cpu(tmp_path):
+    """``--backbone openvla-shaped --backbone-scale tiny`` on CPU: every field of the per-chunk / per-action
+    report is there, positive and consistent (per action = chunk total / 8, ratios, percentages); full scale is
+    refused on CPU."""
+    import math
+    import runpy
+
+    script = ROOT / "scripts" / "benchmark_gpu_latency.py"
+    bench = runpy.run_path(str(script), run_name="bench")
+    with pytest.raises(SystemExit, match="CUDA only"):
+        bench["main"](["--device", "cpu", "--backbone", "openvla-shaped", "--backbone-scale", "full"])
+    # the timed paths compute what they claim: the feature is hidden_states[-1][:, -1] of the full forward, and
+    # the KV-cached autoregressive action equals greedy decoding recomputed from scratch
+    backbone, obs = bench["build_backbone"]("tiny", torch.float32, torch.device("cpu"), 20, 0)
+    with torch.inference_mode():
+        embeds = backbone.embeddings(obs)
+        full = backbone.llm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][:, -1]
+        assert embeds.shape[1] == 276 and torch.allclose(backbone(obs), full, atol=1e-5)
+        seq, ref = embeds, []
+        for _ in range(7):
+            ref.append(backbone.llm(inputs_embeds=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True))
+            seq = torch.cat([seq, backbone.llm.get_input_embeddings()(ref[-1])], dim=1)
+        assert torch.equal(backbone.generate_action(obs), torch.cat(ref, dim=1))
+
+    out = tmp_path / "openvla_shaped.json"
+    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--backbone", "openvla-shaped",
+                          "--backbone-scale", "tiny", "--accel", "eager", "--iters", "2", "--warmup", "1",
+                          "--backbone-iters", "2", "--backbone-warmup", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "AR / RSD per action" in res.stdout and "targets" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["machine"]["name"] and data["machine"]["name"] in res.stdout and data["machine"]["transformers"]
+    bb = data["backbone"]
+    assert bb["scale"] == "tiny" and bb["tokens"] == 20 + 256 and data["chunk_len"] == 8
+    sizes = bb["sizes"]
+    assert data["hidden_dim"] == sizes["llm"]["hidden_size"] == 64 and sizes["image"]["patches_per_tower"] == 256
+    assert sizes["projector"][0] == sizes["dino"]["hidden_size"] + sizes["siglip"]["hidden_size"]
+    br = bb["results"]["float32"]
+    assert set(br["ms"]) == set(bench["BACKBONE_OPS"]) and all(v["median"] > 0 for v in br["ms"].values())
+    assert br["ar_action_tokens"] == 7 and br["hidden_finite"]
+    (row,) = data["rows"]
+    assert row["chunk_accepted"]["strict_a3"] == 3
+    modes = row["chunk_summary"]["modes"]
+    assert set(modes) == {"baseline", "strict_a3", "strict_a0"}
+    ar = br["ms"]["ar_action"]["median"]
+    for name, m in modes.items():
+        assert set(m) == {"backbone_ms", "draft_ms", "main_ms", "decode_ms", "chunk_ms", "chunk_sum_ms", "head_ms",
+                          "head_pct_of_backbone", "per_action_ms", "ar_per_action_ms", "ar_over_rsd_per_action"}
+        assert all(math.isfinite(v) and v >= 0 for v in m.values())
+        assert (m["draft_ms"] > 0) == (name != "baseline")
+        assert m["backbone_ms"] > 0 and m["main_ms"] > 0 and m["decode_ms"] > 0
+        assert m["head_ms"] == pytest.approx(m["draft_ms"] + m["main_ms"] + m["decode_ms"])
+        assert m["chunk_sum_ms"] == pytest.approx(m["backbone_ms"] + m["head_ms"])
+        assert m["chunk_ms"] >= 0.9 * m["chunk_sum_ms"]  # the total also holds the engine's own bookkeeping
+        assert m["per_action_ms"] == pytest.approx(m["chunk_ms"] / 8)
+        assert m["head_pct_of_backbone"] == pytest.approx(100 * m["head_ms"] / m["backbone_ms"])
+        assert m["ar_per_action_ms"] == pytest.approx(ar)
+        assert m["ar_over_rsd_per_action"] == pytest.approx(ar / m["per_action_ms"]) and m["ar_over_rsd_per_action"] > 0
+    t = row["chunk_summary"]["targets"]
+    assert t["draft_ms"]["value"] == pytest.approx(row["ms"]["draft"]["median"])
+    assert t["draft_ms"]["met"] == (t["draft_ms"]["value"] <= 0.1)
+    pct = t["head_pct_of_backbone"]
+    assert (pct["a3"], pct["a0"]) == (modes["strict_a3"]["head_pct_of_backbone"],
+                                      modes["strict_a0"]["head_pct_of_backbone"])
+    assert pct["met"] == (max(pct["a3"], pct["a0"]) <= 5.0)
+    ratio = t["ar_over_rsd_per_action"]
+    assert ratio["met"] == (min(ratio["a3"], ratio["a0"]) >= 20.0)
