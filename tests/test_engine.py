@@ -454,9 +454,18 @@ def test_write_distill_tokens_feeds_the_draft_datamodule(tmp_path):
     hidden = torch.from_numpy(np.load(cache / "hidden.npy"))
     assert np.array_equal(distill, greedy_tokens(main, hidden, batch_size=n))
     assert np.array_equal(distill[:4], RSDInferenceEngine(main, mode="baseline").predict(hidden[:4]).tokens.numpy())
+    # the CLI: the same tokens, and the sidecar names the main model's file and hash
+    from rsd.engine.distill import main as distill_cli
+    from rsd.models.main_decoder import save_main_decoder
+
+    save_main_decoder(main, tmp_path / "main_decoder.pt")
+    assert distill_cli(["--main", str(tmp_path / "main_decoder.pt"), "--cache-dir", str(cache), "--device", "cpu"]) == 0
+    assert np.array_equal(np.load(path), distill)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["main"]["path"] == str((tmp_path / "main_decoder.pt").resolve()) and len(info["main"]["sha256"]) == 16
     dm = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill", build_if_missing=False)
     dm.setup("fit")
-    assert dm.cache_identity()["distill_source"]["path"] == "main_decoder.pt"
+    assert dm.cache_identity()["distill_source"]["path"] == info["main"]["path"]
     batch = next(iter(dm.val_dataloader()))
     assert torch.equal(batch["targets"], torch.from_numpy(distill[batch["index"].numpy(), :3]).long())
     with pytest.raises(Exception, match="hidden size"):

@@ -192,7 +192,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise CacheError(
                     f"targets=distill needs the main model's greedy tokens in {path} ([N, >=3, 128] uint8, one "
-                    "row per cache frame); it is missing. Write it with `python -m rsd.engine.rsd_engine --main "
+                    "row per cache frame); it is missing. Write it with `python -m rsd.engine.distill --main "
                     f"logs/main_head/runs/<time>/main_decoder.pt --cache-dir {self.cache_dir}` or use "
                     "data.targets=ground_truth.")
             distill = np.load(path, mmap_mode="r")

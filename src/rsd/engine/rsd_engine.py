@@ -386,33 +386,3 @@ def write_distill_tokens(main, cache_dir: str | os.PathLike, batch_size: int = 2
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return path
-
-
-def _sha256_prefix(path: str | os.PathLike, length: int = 16) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
-
-
-def _cli(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from rsd.models.main_decoder import load_main_decoder
-
-    p = argparse.ArgumentParser(description="Write the main model's greedy tokens next to a feature cache "
-                                "(draft distillation targets): python -m rsd.engine.rsd_engine --main "
-                                "logs/main_head/runs/<time>/main_decoder.pt --cache-dir data/cache/<name>")
-    p.add_argument("--main", required=True, help="main_decoder.pt")
-    p.add_argument("--cache-dir", required=True)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    main = load_main_decoder(args.main, map_location=args.device)
-    source = {"path": str(Path(args.main).resolve()), "sha256": _sha256_prefix(args.main)}
-    path = write_distill_tokens(main, args.cache_dir, args.batch_size, args.device, source=source)
-    print(f"written {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_cli())
