@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--accelerate", default="eager", choices=["eager", "compile", "cuda_graph"],
                    help="the engines' draft/main acceleration (rsd.engine.accelerate; falls back to eager)")
+    p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive strict engine row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
     g = p.add_argument_group("synthetic task")
@@ -403,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         "relaxed": RSDInferenceEngine(main_model, draft, tokenizer, mode="relaxed", delta=delta, tau=tau,
                                       accelerate=acc),
     }
+    if not args.no_adaptive:  # strict, speculating only while it measures faster (lossless as well)
+        engines["strict_adaptive"] = RSDInferenceEngine(main_model, draft, tokenizer, mode="strict",
+                                                        accelerate=acc, adaptive=True)
     costs = component_costs(main_model, draft, hidden[: args.batch_size].to(dtype))
     n_main = main_model.num_parameters()
     n_draft = sum(p.numel() for p in draft.parameters())
@@ -437,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     if gt_actions is not None:
         print("\naction MAE vs the cache's ground-truth chunks (raw units): "
               + ", ".join(f"{r['mode']} {r.get('action_mae_vs_gt', float('nan')):.4f}" for r in rows))
+    if "strict_adaptive" in engines:
+        ad = next(r for r in rows if r["mode"] == "strict_adaptive")
+        st = engines["strict_adaptive"].stats
+        print(f"\nstrict_adaptive: {ad['speedup']:.2f}x, speculated on {1 - st.unspeculated / max(st.samples, 1):.0%} "
+              f"of the chunks; tokens identical to baseline: {ad['chunk_agreement'] == 1.0}")
     print(f"\nstrict: {strict['speedup']:.2f}x measured (median {strict['speedup_median']:.2f}x), "
           f"{strict['ideal_speedup']:.2f}x ideal (main calls), {model_pred:.2f}x predicted from isolated call costs; "
           f"tokens identical to baseline: {strict['chunk_agreement'] == 1.0}")

@@ -268,6 +268,39 @@ def test_strict_equals_baseline_on_random_models():
     assert torch.equal(out.tokens, base.predict(hidden[:6]).tokens)
 
 
+class _CostTimer(CpuTimer):
+    """Reports fixed draft + main costs per chunk: ``spec`` when the draft ran, else ``base``."""
+
+    def __init__(self, spec: float, base: float) -> None:
+        super().__init__()
+        self.spec, self.base = spec, base
+
+    def end_chunk(self) -> dict[str, float]:
+        speculated = "draft" in self._times
+        super().end_chunk()
+        return {"draft": 1.0, "main": self.spec - 1.0, "total": self.spec} if speculated else \
+            {"main": self.base, "total": self.base}
+
+
+@pytest.mark.parametrize("spec_cost, base_cost, speculated", [(11.0, 8.0, (2, 6)), (5.0, 8.0, (55, 60))])
+def test_adaptive_strict_takes_the_faster_path_and_stays_lossless(spec_cost, base_cost, speculated):
+    main = _tiny_main()
+    hidden = torch.randn(60, 32, generator=torch.Generator().manual_seed(5))
+    base = RSDInferenceEngine(main, mode="baseline")
+    eng = RSDInferenceEngine(main, OracleDraft(main, [0]), mode="strict", adaptive=True, probe_every=20)
+    eng.timer = _CostTimer(spec_cost, base_cost)
+    for i in range(hidden.shape[0]):
+        h = hidden[i:i + 1]
+        assert torch.equal(eng.predict(h).tokens, base.predict(h).tokens)
+    n_spec = eng.stats.samples - eng.stats.unspeculated
+    # slower speculation: measured once, then only the probes (every 20th chunk); faster: nearly always
+    assert speculated[0] <= n_spec <= speculated[1], n_spec
+    assert eng.stats.summary()["unspeculated_chunks"] == 60 - n_spec
+    assert sum(eng.stats.accepted_length_counts) == n_spec  # acceptance counts speculated chunks only
+    with pytest.raises(ValueError, match="strict"):
+        RSDInferenceEngine(main, OracleDraft(main, [0]), mode="relaxed", adaptive=True)
+
+
 # ---------------------------------------------------------------------- briefly trained models
 TRAIN_P = 32  # the trained-model tests use 2 chunk steps x 16 latents (the engine is position-count agnostic)
 

@@ -8,6 +8,10 @@ Modes (tokens in the layers view ``[B, 8, 128]``, see ``rsd.tokenizer.layout``):
   accepted, the main model's own choice at the next layer is kept (the bonus layer), and decoding
   continues layer by layer from the KV cache. Main calls per chunk: ``1 + (8 - a - 1) = 8 - a`` for
   ``a`` accepted layers. Lossless: the tokens equal the baseline's.
+- ``strict`` with ``adaptive=True``: per chunk, speculate or decode like the baseline, whichever the
+  running means of measured draft + main time say is faster (the other path is probed every
+  ``probe_every`` chunks). Still lossless (both paths give the baseline's tokens); it bounds the cost
+  of a draft the main model rarely agrees with at about the baseline's time.
 - ``relaxed``: as ``strict``, but a drafted layer is accepted when every token is within level
   distance ``delta`` of the main model's choice, or when the fraction of equal tokens reaches
   ``tau`` (either criterion can be disabled with ``None``). Not lossless.
@@ -95,6 +99,7 @@ class EngineStats:
     accepted_length_counts: list[int] = field(default_factory=list)
     main_calls: int = 0
     baseline_main_calls: int = 0
+    unspeculated: int = 0  # chunks the adaptive strict mode decoded without the draft
     time_s: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,6 +168,7 @@ class EngineStats:
             "main_calls": self.main_calls,
             "main_calls_per_chunk": self.main_calls_per_chunk,
             "main_steps_saved": self.main_steps_saved,
+            "unspeculated_chunks": self.unspeculated,
         }
         for s in SECTIONS:
             out[f"{s}_ms_per_chunk"] = self.ms_per_chunk(s)
@@ -202,18 +208,31 @@ class RSDInferenceEngine:
         device: where the models run (default: the main model's device).
         accelerate: ``"eager"`` (default), ``"compile"`` or ``"cuda_graph"`` (``rsd.engine.accelerate``;
             falls back to eager with a warning); :attr:`accelerate_info` records what is in use.
+        adaptive, probe_every, smoothing: strict mode only: choose per chunk between speculation and
+            baseline decoding by exponential means (weight ``smoothing``) of their measured draft + main
+            time; the path not chosen is re-measured every ``probe_every`` chunks.
     """
 
     def __init__(self, main, draft=None, tokenizer=None, *, mode: str = "strict", delta: int | None = 1,
                  tau: float | None = None, normalizer=None, gripper_dim: int | None = 6,
                  backbone: Callable | None = None, device: torch.device | str | None = None,
-                 accelerate: str = "eager") -> None:
+                 accelerate: str = "eager", adaptive: bool = False, probe_every: int = 20,
+                 smoothing: float = 0.2) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "baseline" and draft is None:
             raise ValueError(f"mode {mode!r} needs a draft model")
         if mode == "relaxed" and delta is None and tau is None:
             raise ValueError("relaxed mode needs delta and/or tau")
+        if adaptive and mode != "strict":
+            raise ValueError(f"adaptive=True needs mode='strict' (switching paths changes {mode!r} outputs)")
+        if probe_every < 2 or not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"probe_every must be >= 2 and 0 < smoothing <= 1, got {probe_every}, {smoothing}")
+        self.adaptive = adaptive
+        self.probe_every = probe_every
+        self.smoothing = smoothing
+        self._mean_s: dict[bool, float | None] = {True: None, False: None}  # speculate? -> mean seconds
+        self._since_probe = 0
         self.main = main
         self.draft = draft
         self.tokenizer = tokenizer
@@ -331,9 +350,31 @@ class RSDInferenceEngine:
             hidden = self.backbone(observation)
         return self._decode_chunk(hidden, decode)
 
+    def _speculate_now(self) -> bool:
+        """Adaptive strict mode: measure both paths once, then take the faster, probing the other."""
+        if not self.adaptive:
+            return True
+        spec, base = self._mean_s[True], self._mean_s[False]
+        if spec is None or base is None:
+            return spec is None
+        faster = spec <= base
+        self._since_probe += 1
+        if self._since_probe >= self.probe_every:
+            self._since_probe = 0
+            return not faster
+        return faster
+
+    def _learn(self, speculated: bool, times: dict[str, float]) -> None:
+        if not self.adaptive:
+            return
+        t = times.get("draft", 0.0) + times.get("main", 0.0)
+        old = self._mean_s[speculated]
+        self._mean_s[speculated] = t if old is None else (1 - self.smoothing) * old + self.smoothing * t
+
     def _decode_chunk(self, hidden: torch.Tensor, decode: bool) -> EngineOutput:
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        if self.mode == "baseline":
+        speculate = self.mode != "baseline" and self._speculate_now()
+        if not speculate:
             tokens, calls = self._baseline(hidden)
             res = dict(tokens=tokens, main_calls=calls)
         else:
@@ -344,6 +385,9 @@ class RSDInferenceEngine:
             with self.timer.section("decode"):
                 actions = self.decode_actions(tokens)
         times = self.timer.end_chunk()
+        if self.mode != "baseline":
+            self._learn(speculate, times)
+            self.stats.unspeculated += 0 if speculate else hidden.shape[0]
         drafted = res.get("drafted")
         self.stats.record(hidden.shape[0], 0 if drafted is None else drafted.shape[1],
                           res.get("accepted_length") or 0, res["main_calls"], times)

@@ -287,13 +287,15 @@ class EnginePolicy:
 
     def __init__(self, backbone: Any, draft: Any, main: Any, tokenizer: Any, device: str = "cpu",
                  acceptance: str = "strict", delta: int | None = 1, tau: float | None = None,
-                 chunk_len: int = 8, info: Mapping[str, Any] | None = None, accelerate: str = "eager") -> None:
+                 chunk_len: int = 8, info: Mapping[str, Any] | None = None, accelerate: str = "eager",
+                 adaptive: bool = False) -> None:
         if acceptance not in ("strict", "relaxed"):
             raise ValueError(f"acceptance must be strict or relaxed, got {acceptance!r}")
         self.backbone, self.draft, self.main, self.tokenizer = backbone, draft, main, tokenizer
         self.device, self.acceptance, self.delta, self.tau = device, acceptance, delta, tau
         self.chunk_len = int(chunk_len)
         self.accelerate = accelerate
+        self.adaptive = bool(adaptive) and acceptance == "strict"
         self.needs_images = bool(getattr(backbone, "needs_images", False))
         self.info = dict(info or {})
         self._engines: dict[str, Any] = {}
@@ -312,7 +314,8 @@ class EnginePolicy:
             self._engines[mode] = RSDInferenceEngine(
                 self.main, self.draft if mode == "speculative" else None, self.tokenizer,
                 mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
-                gripper_dim=6, backbone=self._encode, device=self.device, accelerate=self.accelerate)
+                gripper_dim=6, backbone=self._encode, device=self.device, accelerate=self.accelerate,
+                adaptive=self.adaptive and mode == "speculative")
             self.info[f"accelerate_{mode}"] = self._engines[mode].accelerate_info
             log.info("engine policy (%s): accelerate %s", mode, self._engines[mode].accelerate_info)
         return self._engines[mode]
@@ -346,7 +349,7 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     ``spec`` keys: ``ckpt`` (draft checkpoint path or ``best``), ``log_dir``, ``main_ckpt`` / ``tokenizer``
     (null: found as in :func:`resolve_engine_spec`), ``backbone`` (null: from the draft's cache manifest),
     ``device``, ``acceptance`` / ``delta`` / ``tau``, ``chunk_len``, ``accelerate`` (``eager`` | ``compile`` |
-    ``cuda_graph``, see ``rsd.engine.accelerate``).
+    ``cuda_graph``, see ``rsd.engine.accelerate``), ``adaptive`` (strict only: speculate only while faster).
     """
     from rsd.models.checkpoint import load_draft_checkpoint
     from rsd.models.main_decoder import load_main_decoder
@@ -372,7 +375,7 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     return EnginePolicy(backbone, draft, main.to(device).eval(), tokenizer.to(device).eval(), device=device,
                         acceptance=spec.get("acceptance", "strict"), delta=spec.get("delta", 1),
                         tau=spec.get("tau"), chunk_len=spec.get("chunk_len", 8),
-                        accelerate=spec.get("accelerate") or "eager",
+                        accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
                         info={"draft": spec["ckpt"], "main": spec["main_ckpt"], "tokenizer": spec["tokenizer"],
                               "backbone_id": backbone.backbone_id})
 
@@ -452,7 +455,7 @@ def policy_needs_images(policy: Any) -> bool:
     return bool(getattr(policy, "needs_images", False))
 
 
-def spec_identity(spec: Mapping[str, Any], ignore: Sequence[str] = ("device", "accelerate")) -> dict:
+def spec_identity(spec: Mapping[str, Any], ignore: Sequence[str] = ("device", "accelerate", "adaptive")) -> dict:
     """The parts of a spec that decide the results (what a resumed run must match; ``accelerate`` gives
     the same tokens, like ``device`` it changes only the timings)."""
     return {k: v for k, v in spec.items() if k not in ignore}
