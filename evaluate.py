@@ -8,6 +8,7 @@ with the same ``out_dir`` resumes), then writes and prints the summary and logs 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> float | None:
+    # Ctrl-C must interrupt (and leave a resumable folder) even when started as a background job of a
+    # non-interactive shell, which starts programs with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         summary = evaluate(cfg)
     except KeyboardInterrupt:
