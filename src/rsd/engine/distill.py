@@ -6,7 +6,6 @@ main model), which ``experiment=draft_proj_distill`` trains the draft on (``data
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,15 +13,10 @@ import torch
 from rsd.engine.rsd_engine import write_distill_tokens
 
 
-def _sha256_prefix(path: str | os.PathLike, length: int = 16) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from rsd.data.cache import file_sha256
     from rsd.models.main_decoder import load_main_decoder
 
     p = argparse.ArgumentParser(description="Write the main model's greedy tokens next to a feature cache "
@@ -34,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     decoder = load_main_decoder(args.main, map_location=args.device)
-    source = {"path": str(Path(args.main).resolve()), "sha256": _sha256_prefix(args.main)}
+    source = {"path": str(Path(args.main).resolve()), "sha256": file_sha256(args.main, 16)}
     path = write_distill_tokens(decoder, args.cache_dir, args.batch_size, args.device, source=source)
     print(f"written {path}")
     return 0

@@ -295,7 +295,9 @@ class EnginePolicy:
         self.device, self.acceptance, self.delta, self.tau = device, acceptance, delta, tau
         self.chunk_len = int(chunk_len)
         self.accelerate = accelerate
-        self.adaptive = bool(adaptive) and acceptance == "strict"
+        if adaptive and acceptance != "strict":
+            raise ValueError(f"policy.adaptive=true needs policy.acceptance=strict, got {acceptance!r}")
+        self.adaptive = bool(adaptive)
         self.needs_images = bool(getattr(backbone, "needs_images", False))
         self.info = dict(info or {})
         self._engines: dict[str, Any] = {}
