@@ -98,16 +98,22 @@ def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None) -
     ]
 
 
+def baseline_for(spec: Mapping[str, Any], base_rows: Sequence[Mapping[str, Any]]) -> tuple[Any, bool]:
+    """``(baseline row or None, paired)``: the same folder's baseline first, else the first of the same suite."""
+    same = next((b for b in base_rows if b["path"] == spec["path"]), None)
+    if same is not None:
+        return same, True
+    return next((b for b in base_rows if b["suite"] == spec["suite"]), None), False
+
+
 def comparisons(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Pair every speculative row with its baseline (same folder first, else the first of the same suite)."""
+    """Pair every speculative row with its baseline (:func:`baseline_for`)."""
     base_rows = [r for r in rows if r["mode"] == "baseline"]
     spec_rows = [r for r in rows if r["mode"] == "speculative"]
     out = []
     for s in spec_rows:
-        same = next((b for b in base_rows if b["path"] == s["path"]), None)
-        other = next((b for b in base_rows if b["suite"] == s["suite"]), None)
-        b = same or other
-        out.append({"label": s["label"], "baseline_label": b["label"] if b else None, "paired": same is not None,
+        b, paired = baseline_for(s, base_rows)
+        out.append({"label": s["label"], "baseline_label": b["label"] if b else None, "paired": paired,
                     "speculative": dict(s), "baseline": dict(b) if b else None, "rows": guide_rows(b, s)})
     if not spec_rows:
         out += [{"label": b["label"], "baseline_label": b["label"], "paired": False, "speculative": None,
@@ -148,8 +154,7 @@ def sweep_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
 
     out = []
     for r in sorted(spec, key=order):
-        b = next((b for b in base if b["path"] == r["path"]), None) or \
-            next((b for b in base if b["suite"] == r["suite"]), None)
+        b, _ = baseline_for(r, base)
         out.append([str(r.get("threshold_label")), str(r["label"]), str(r["episodes"]), fmt_pct(r["acceptance_rate"]),
                     "n/a" if _num(r.get("mean_accepted_layers")) is None else f"{float(r['mean_accepted_layers']):.2f}",
                     fmt_pct(r["success_rate"]), fmt_ms(r["avg_inference_ms"]),
