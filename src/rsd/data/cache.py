@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from rsd import PROJECT_ROOT
+from rsd.data.heldout import START_STATES_FILE, write_start_states
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,23 @@ def _progress(iterable, total: int | None = None, desc: str = "", enable: bool =
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
-def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``[(demo_key, states [T, S], actions [T, 7])]`` of a LIBERO HDF5 file (official or generated schema)."""
+def _episode_origin(ep) -> dict[str, Any]:
+    """Where a demo started: ``init_source`` (generated | official | unknown), ``init_state_index``,
+    ``scene_seed`` and ``scene`` (the start scene, see :mod:`rsd.data.heldout`)."""
+    attrs = ep.attrs or {}
+    source = attrs.get("rsd_init_source")
+    if source is None:  # files written before the option were recorded from the official states
+        source = "official" if ep.init_state_index is not None else "unknown"
+    scene = attrs.get("rsd_scene_state")
+    return {"init_source": str(source),
+            "init_state_index": ep.init_state_index,
+            "scene_seed": None if attrs.get("rsd_scene_seed") is None else int(attrs["rsd_scene_seed"]),
+            "scene": np.asarray(ep.init_state if scene is None else scene, dtype=np.float64)}
+
+
+def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """``[(demo_key, states [T, S], actions [T, 7], origin)]`` of a LIBERO HDF5 file (official or generated
+    schema); ``origin`` as :func:`_episode_origin`."""
     from rsd.data.libero_hdf5 import DemoSchemaError, read_demo_file
 
     try:
@@ -269,7 +285,7 @@ def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             raise CacheError(f"{path}:data/{ep.name}: states {ep.states.shape} and actions {ep.actions.shape} "
                              "must be [T, S] and [T, 7] with the same T >= 1 (the cache restores observations "
                              "from the stored MuJoCo states)")
-        out.append((ep.name, ep.states, ep.actions.astype(np.float32)))
+        out.append((ep.name, ep.states, ep.actions.astype(np.float32), _episode_origin(ep)))
     return out
 
 
@@ -334,11 +350,12 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
     total_frames = 0
     for path, task_id in zip(files, task_ids, strict=True):
         demos = _read_demos(path)[:max_demos_per_task] if max_demos_per_task else _read_demos(path)
-        total_frames += sum(len(a) for _, _, a in demos)
+        total_frames += sum(len(d[2]) for d in demos)
         tasks.append((path, task_id, demos))
     bar = _progress(range(total_frames), total=total_frames, desc=f"cache {suite}: observations", enable=progress)
     bar_update = getattr(bar, "update", lambda n: None)
     task_records = []
+    start_scenes: list[np.ndarray] = []
     for path, task_id, demos in tasks:
         spec = get_task(suite, task_id)
         env = make_env(spec, images=bb.needs_images)
@@ -349,7 +366,7 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
             if hasattr(bb, "set_task_objects"):
                 bb.set_task_objects(spec.language, objects["objects"], objects["interest"])
             n_frames = 0
-            for demo_key, states, actions in demos:
+            for demo_key, states, actions, origin in demos:
                 key = f"{suite}/{task_id}/{demo_key}"
                 is_val = is_validation_episode(key, val_fraction, split_seed)
                 ep_feats = []
@@ -376,7 +393,9 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
                 split_all.append(np.full(T, int(is_val), dtype=np.uint8))
                 episodes.append({"key": key, "task_id": int(task_id), "demo": demo_key, "file": path.name,
                                  "start": int(sum(len(a) for a in actions_all[:-1])), "length": int(T),
-                                 "split": "val" if is_val else "train"})
+                                 "split": "val" if is_val else "train",
+                                 **{k: v for k, v in origin.items() if k != "scene"}})
+                start_scenes.append(origin["scene"])
                 n_frames += T
             task_records.append({"task_id": int(task_id), "name": spec.name, "language": spec.language,
                                  "demo_file": path.name, "episodes": len(demos), "frames": n_frames,
@@ -406,6 +425,10 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
         "suite": suite,
         "tasks": task_records,
         "episodes": episodes,
+        "start_states": {"file": START_STATES_FILE, "definition": "per episode, the scene it started from "
+                         "(flattened MuJoCo state before the warm-up steps; rsd.data.heldout)",
+                         "sources": {s: sum(e["init_source"] == s for e in episodes)
+                                     for s in sorted({e["init_source"] for e in episodes})}},
         "split": {"rule": "rsd.data.splits.is_validation_episode('{suite}/{task_id}/{demo}')",
                   "val_fraction": val_fraction, "seed": split_seed},
         "normalization": {
@@ -440,6 +463,7 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
                  "task": np.concatenate(task_all), "frame": np.concatenate(frame_all), "split": split}
         for name, arr in small.items():
             np.save(tmp / f"{name}.npy", arr)
+        write_start_states(tmp, episodes, start_scenes)
         manifest["build_seconds"] = round(time.time() - t_start, 1)
         _write_manifest(tmp, manifest, {"hidden": hidden, "tokens": tokens, **small})
         del hidden, tokens

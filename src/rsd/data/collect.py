@@ -3,10 +3,16 @@
     python -m rsd.data.collect suite=libero_spatial demos_per_task=50
     python -m rsd.data.collect tasks=[0,3] demos_per_task=5 images=true out_dir=/tmp/demos
 
-Trial i of a task starts from the task's fixed init state i (``env.reset()``, ``set_init_state``, the 10
-warm-up no-ops, then the expert; see :mod:`rsd.envs.expert`). Attempts go through init states 0, 1, 2, ...
-until ``demos_per_task`` episodes succeeded or the init states (or ``max_attempts``) are exhausted; only
-successful episodes are kept. Episodes run in parallel worker processes (spawn), each of which builds an
+Held out by default (``init_source=generated``): attempt i of task t starts from a *new* initial scene,
+drawn from the task's own placement distribution by ``env.seed(scene_seed + 1000 * t + i)`` and
+``env.reset()``; a scene that coincides with one of the task's official init states (max |state diff|
+below :data:`rsd.data.heldout.SAME_SCENE_TOL`) is rejected, because the official states are reserved for
+evaluation. Every demo records its seed and scene state (``rsd_scene_seed``, ``rsd_scene_state``,
+``rsd_init_source``). ``init_source=official`` records from the fixed init states 0, 1, 2, ... instead
+(replay data, not held out; the files say so in ``rsd_init_source`` and ``rsd_heldout_warning``).
+After the scene is set: the 10 warm-up no-ops, then the expert (see :mod:`rsd.envs.expert`). Attempts
+continue until ``demos_per_task`` episodes succeeded or ``max_attempts`` (official: the 50 init states)
+are exhausted; only successful episodes are kept. Episodes run in parallel worker processes (spawn), each of which builds an
 env per task once and reuses it. Every attempt is recorded under ``{out_dir}/{suite}/.parts/`` while a
 task runs, so an interrupted collection resumes where it stopped; the parts are deleted once the task's
 ``{task_name}_demo.hdf5`` is written. A per-task table (attempts, successes, success rate, mean length)
@@ -65,6 +71,17 @@ def _close_cached_env() -> None:
             pass
 
 
+INIT_SOURCES = ("generated", "official")
+#: Attempts per task when ``max_attempts`` is null and scenes are generated: failures and rejections
+#: are rare (the expert solves ~99 %), so twice the demos is plenty.
+GENERATED_ATTEMPT_FACTOR = 2
+
+
+def scene_seed_for(seed_base: int, task_id: int, attempt: int) -> int:
+    """The NumPy seed of attempt ``attempt`` of ``task_id`` (disjoint across tasks up to 1000 attempts)."""
+    return int(seed_base) + 1000 * int(task_id) + int(attempt)
+
+
 def _get_env(suite: str, task_id: int, images: bool, resolution: int):
     from rsd.envs.libero_env import get_init_states, get_task, make_env
 
@@ -85,13 +102,34 @@ def _part_paths(parts_dir: Path, init_index: int) -> tuple[Path, Path]:
     return parts_dir / f"init_{init_index:03d}.json", parts_dir / f"init_{init_index:03d}.npz"
 
 
-def run_attempt(
-    suite: str, task_id: int, init_index: int, images: bool, resolution: int, parts_dir: str
-) -> dict[str, Any]:
-    """Run the expert from init state ``init_index`` (in a worker); save the episode if it succeeded.
+def _scene(env, init_states: np.ndarray, init_source: str, task_id: int, index: int, seed_base: int
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The start scene of attempt ``index`` and what to record about it (see the module docstring)."""
+    from rsd.data.heldout import nearest_scene
 
-    Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
+    if init_source == "official":
+        return np.asarray(init_states[index], dtype=np.float64), {"init_source": "official",
+                                                                   "official_index": int(index)}
+    seed = scene_seed_for(seed_base, task_id, index)
+    env.seed(seed)
+    env.reset()
+    scene = env.sim.get_state().flatten().copy()
+    nearest, dist = nearest_scene(scene, init_states)
+    return scene, {"init_source": "generated", "scene_seed": seed, "nearest_official": nearest,
+                   "official_distance": round(dist, 6)}
+
+
+def run_attempt(
+    suite: str, task_id: int, init_index: int, images: bool, resolution: int, parts_dir: str,
+    init_source: str = "generated", seed_base: int = 100_000,
+) -> dict[str, Any]:
+    """Run the expert from attempt ``init_index``'s scene (in a worker); save the episode if it succeeded.
+
+    ``init_source=official``: the task's fixed init state ``init_index``; ``generated``: a new scene from
+    seed :func:`scene_seed_for`, rejected (``rejected`` set, no episode) when it coincides with an
+    official init state. Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
     """
+    from rsd.data.heldout import SAME_SCENE_TOL
     from rsd.envs.expert import run_expert_episode
 
     parts = Path(parts_dir)
@@ -99,10 +137,20 @@ def run_attempt(
     t0 = time.perf_counter()
     try:
         env, task, init_states = _get_env(suite, task_id, images, resolution)
-        roll = run_expert_episode(env, task, init_states[init_index], init_index, images=images)
+        scene, origin = _scene(env, init_states, init_source, task_id, init_index, seed_base)
+        base = {"task_id": task_id, "init_index": init_index, **origin}
+        if origin.get("official_distance", np.inf) < SAME_SCENE_TOL:
+            record = {**base, "success": False, "rejected": True, "num_steps": 0,
+                      "seconds": round(time.perf_counter() - t0, 3), "error": None,
+                      "log": [f"scene coincides with official init state {origin['nearest_official']}"]}
+            _part_paths(parts, init_index)[0].write_text(json.dumps(record))
+            return record
+        official_index = origin.get("official_index")
+        # a generated scene was just reset into; resetting again would re-sample it
+        roll = run_expert_episode(env, task, scene, official_index, images=images,
+                                  reset=init_source == "official")
         record = {
-            "task_id": task_id,
-            "init_index": init_index,
+            **base,
             "success": bool(roll.success),
             "num_steps": int(roll.num_steps),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -118,6 +166,7 @@ def run_attempt(
                 "rewards": roll.rewards,
                 "dones": roll.dones,
                 "init_state": roll.init_state,
+                "scene_state": scene,
             }
             arrays.update({f"obs/{k}": v for k, v in roll.obs.items()})
             tmp = npz.with_name(npz.stem + ".tmp.npz")
@@ -139,10 +188,16 @@ def run_attempt(
     return record
 
 
-def _load_part(parts_dir: Path, init_index: int) -> Episode:
+def _load_part(parts_dir: Path, init_index: int, record: dict[str, Any]) -> Episode:
     _, npz = _part_paths(parts_dir, init_index)
     with np.load(npz) as z:
         obs = {k[len("obs/") :]: z[k] for k in z.files if k.startswith("obs/")}
+        attrs: dict[str, Any] = {"rsd_init_source": record.get("init_source", "official"),
+                                 "rsd_scene_state": z["scene_state"] if "scene_state" in z.files
+                                 else z["init_state"]}
+        if record.get("init_source") == "generated":
+            attrs.update(rsd_scene_seed=int(record["scene_seed"]),
+                         rsd_official_distance=float(record["official_distance"]))
         return Episode(
             actions=z["actions"],
             states=z["states"],
@@ -151,7 +206,8 @@ def _load_part(parts_dir: Path, init_index: int) -> Episode:
             rewards=z["rewards"],
             dones=z["dones"],
             init_state=z["init_state"],
-            init_state_index=init_index,
+            init_state_index=init_index if record.get("init_source", "official") == "official" else None,
+            attrs=attrs,
         )
 
 
@@ -163,12 +219,16 @@ class _TaskRun:
     """Bookkeeping of one task: which init states were tried, which succeeded."""
 
     def __init__(self, suite: str, task_id: int, name: str, n_init: int, demos: int, max_attempts: int | None,
-                 parts_dir: Path, images: bool):
+                 parts_dir: Path, images: bool, init_source: str = "generated", seed_base: int = 100_000):
         self.suite, self.task_id, self.name = suite, task_id, name
-        self.limit = n_init if max_attempts is None else min(n_init, int(max_attempts))
+        if init_source == "official":
+            self.limit = n_init if max_attempts is None else min(n_init, int(max_attempts))
+        else:
+            self.limit = GENERATED_ATTEMPT_FACTOR * demos if max_attempts is None else int(max_attempts)
         self.demos = demos
         self.parts_dir = parts_dir
         self.images = images
+        self.origin = {"init_source": init_source, "seed_base": int(seed_base)}
         self.records: dict[int, dict] = {}
         self.pending: set[int] = set()
         self._resume()
@@ -177,13 +237,16 @@ class _TaskRun:
         meta = self.parts_dir / "meta.json"
         if meta.exists():
             try:
-                same = json.loads(meta.read_text()).get("images") == self.images
+                old = json.loads(meta.read_text())
+                same = old.get("images") == self.images and all(
+                    old.get(k, "official" if k == "init_source" else None) == v for k, v in self.origin.items())
             except ValueError:
                 same = False
             if not same:
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps({"images": self.images, "suite": self.suite, "task_id": self.task_id}))
+        meta.write_text(json.dumps({"images": self.images, "suite": self.suite, "task_id": self.task_id,
+                                    **self.origin}))
         for js in sorted(self.parts_dir.glob("init_*.json")):
             try:
                 rec = json.loads(js.read_text())
@@ -229,25 +292,32 @@ class _TaskRun:
             attempted.append(i)
             if self.records[i]["success"]:
                 kept.append(i)
-        recs = [self.records[i] for i in attempted]
+        rejected = [r for i in attempted if (r := self.records[i]).get("rejected")]
+        recs = [self.records[i] for i in attempted if not self.records[i].get("rejected")]
         lengths = [r["num_steps"] for r in recs if r["success"]]
         stats = {
             "task_id": self.task_id,
             "name": self.name,
-            "attempts": len(attempted),
+            "attempts": len(recs),
+            "init_source": self.origin["init_source"],
+            "rejected_scenes": len(rejected),
             "successes": len(kept),
-            "success_rate": round(len(kept) / len(attempted), 4) if attempted else 0.0,
+            "success_rate": round(len(kept) / len(recs), 4) if recs else 0.0,
             "mean_episode_length": round(float(np.mean(lengths)), 1) if lengths else None,
             "failed_init_states": [r["init_index"] for r in recs if not r["success"]],
             "errors": {str(r["init_index"]): r["error"] for r in recs if r.get("error")},
             "init_states_exhausted": len(kept) < self.demos,
+            "kept_attempts": kept,
             "mean_attempt_seconds": round(float(np.mean([r["seconds"] for r in recs])), 2) if recs else None,
         }
         return kept, stats
 
 
-def _existing_stats(path: Path, demos_per_task: int, images: bool) -> dict[str, Any] | None:
-    """Stats of an existing file that already satisfies the request (None: collect again)."""
+def _existing_stats(path: Path, demos_per_task: int, images: bool, init_source: str = "generated"
+                    ) -> dict[str, Any] | None:
+    """Stats of an existing file that already satisfies the request (None: collect again).
+
+    A file from the other init source never does (files written before the option are official)."""
     try:
         info = summarize_demo_file(path, require_images=images)
     except DemoSchemaError:
@@ -257,6 +327,10 @@ def _existing_stats(path: Path, demos_per_task: int, images: bool) -> dict[str, 
     with h5py.File(path, "r") as f:
         attrs = dict(f["data"].attrs)
     stats = json.loads(attrs["rsd_collect_stats"]) if "rsd_collect_stats" in attrs else None
+    if str(attrs.get("rsd_init_source", "official")) != init_source:
+        log.info("%s was recorded from %s init states, %s requested: collecting again", path.name,
+                 attrs.get("rsd_init_source", "official"), init_source)
+        return None
     enough = info["num_demos"] >= demos_per_task
     if not enough and stats is not None:
         enough = bool(stats.get("init_states_exhausted")) and int(attrs.get("rsd_demos_requested", 0)) >= demos_per_task
@@ -288,8 +362,13 @@ def collect_suite(
     resolution: int = 256,
     overwrite: bool = False,
     progress: bool = True,
+    init_source: str = "generated",
+    scene_seed: int = 100_000,
 ) -> dict[str, Any]:
     """Collect expert demos for ``tasks`` of ``suite`` (all when None) into ``{out_dir}/{suite}/``.
+
+    ``init_source``: ``generated`` (new scenes, held out from the official init states; the default) or
+    ``official`` (the fixed init states, which evaluation uses: such data is not held out).
 
     Returns the summary (also saved as ``collect_summary.json`` / ``.md`` in that folder): per task
     ``task_id, name, attempts, successes, success_rate, mean_episode_length, failed_init_states, file``
@@ -300,6 +379,11 @@ def collect_suite(
 
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {suite!r}")
+    if init_source not in INIT_SOURCES:
+        raise ValueError(f"init_source must be one of {INIT_SOURCES}, got {init_source!r}")
+    if init_source == "official":
+        log.warning("collecting from the OFFICIAL init states: evaluation uses these states, so a policy "
+                    "trained on these demos cannot be evaluated held out on them")
     t_start = time.time()
     out_root = Path(out_dir) if out_dir is not None else DEFAULT_OUT_DIR
     suite_dir = out_root / suite
@@ -312,7 +396,7 @@ def collect_suite(
         task = get_task(suite, tid)
         path = demo_path(out_root, suite, task.name)
         if path.exists() and not overwrite:
-            existing = _existing_stats(path, demos_per_task, images)
+            existing = _existing_stats(path, demos_per_task, images, init_source)
             if existing is not None:
                 existing.setdefault("task_id", tid)
                 existing.setdefault("name", task.name)
@@ -321,7 +405,7 @@ def collect_suite(
                 continue
         n_init = len(get_init_states(suite, tid))
         runs[tid] = _TaskRun(suite, tid, task.name, n_init, demos_per_task, max_attempts,
-                             suite_dir / ".parts" / task.name, images)
+                             suite_dir / ".parts" / task.name, images, init_source, scene_seed)
 
     def finish(run: _TaskRun) -> None:
         kept, stats = run.result()
@@ -329,15 +413,8 @@ def collect_suite(
         path = demo_path(out_root, suite, task.name)
         if kept:
             write_demo_file(
-                path, task, (_load_part(run.parts_dir, i) for i in kept), images=images, resolution=resolution,
-                extra_attrs={
-                    "rsd_generator": "rsd.envs.expert.BowlPlaceExpert (privileged-state scripted expert)",
-                    "rsd_warmup_steps": 10,
-                    "rsd_recording": "after reset, set_init_state(init_states[init_state_index]) and 10 "
-                                     "unrecorded no-op warm-up steps; init_state == states[0]",
-                    "rsd_demos_requested": int(demos_per_task),
-                    "rsd_collect_stats": stats,
-                },
+                path, task, (_load_part(run.parts_dir, i, run.records[i]) for i in kept), images=images,
+                resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, demos_per_task, stats),
             )
             stats["file"] = str(path)
             shutil.rmtree(run.parts_dir, ignore_errors=True)
@@ -363,7 +440,8 @@ def collect_suite(
             for run in runs.values():
                 while not run.done():
                     for i in list(run.next_jobs()):
-                        rec = run_attempt(suite, run.task_id, i, images, resolution, str(run.parts_dir))
+                        rec = run_attempt(suite, run.task_id, i, images, resolution, str(run.parts_dir),
+                                          init_source, scene_seed)
                         run.pending.discard(i)
                         run.records[i] = rec
                         _tick(bar, run)
@@ -377,7 +455,8 @@ def collect_suite(
 
                 def submit_all() -> None:
                     for run, i in jobs():
-                        fut = pool.submit(run_attempt, suite, run.task_id, i, images, resolution, str(run.parts_dir))
+                        fut = pool.submit(run_attempt, suite, run.task_id, i, images, resolution,
+                                          str(run.parts_dir), init_source, scene_seed)
                         futures[fut] = (run, i)
 
                 submit_all()
@@ -413,6 +492,29 @@ def collect_suite(
     return summary
 
 
+def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """The ``data`` attributes that say where a file's demos started from."""
+    attrs: dict[str, Any] = {
+        "rsd_generator": "rsd.envs.expert.BowlPlaceExpert (privileged-state scripted expert)",
+        "rsd_warmup_steps": 10,
+        "rsd_init_source": init_source,
+        "rsd_demos_requested": int(demos_per_task),
+        "rsd_collect_stats": stats,
+    }
+    if init_source == "generated":
+        attrs["rsd_recording"] = ("env.seed(rsd_scene_seed), env.reset() (a new scene from the task's placement "
+                                  "distribution, recorded as rsd_scene_state, rejected if it coincides with an "
+                                  "official init state), then 10 unrecorded no-op warm-up steps; init_state == "
+                                  "states[0]")
+        attrs["rsd_scene_seed_base"] = int(scene_seed)
+    else:
+        attrs["rsd_recording"] = ("after reset, set_init_state(init_states[init_state_index]) and 10 unrecorded "
+                                  "no-op warm-up steps; init_state == states[0]")
+        attrs["rsd_heldout_warning"] = ("recorded from the official init states that LIBERO evaluations use: "
+                                        "evaluating a policy trained on these demos on those states is replay")
+    return attrs
+
+
 def _tick(bar, run: _TaskRun) -> None:
     if bar is not None:
         bar.total = max(bar.total, bar.n + 1)
@@ -428,6 +530,7 @@ def _summary(suite: str, demos_per_task: int, images: bool, workers: int, rows: 
         "suite": suite,
         "demos_per_task": demos_per_task,
         "images": images,
+        "init_source": rows[0].get("init_source", "official") if rows else None,
         "workers": workers,
         "out_dir": str(suite_dir),
         "wall_time_s": round(wall, 1),
@@ -442,7 +545,8 @@ def format_table(summary: dict[str, Any]) -> str:
     """The per-task table as Markdown."""
     lines = [
         f"Scripted-expert collection: {summary['suite']}, {summary['demos_per_task']} demos/task, "
-        f"images={summary['images']}, workers={summary['workers']}, wall time {summary['wall_time_s']:.0f} s",
+        f"images={summary['images']}, workers={summary['workers']}, init states: "
+        f"{summary.get('init_source', 'official')}, wall time {summary['wall_time_s']:.0f} s",
         "",
         "| task | name | attempts | successes | success rate | mean length | note |",
         "|---:|---|---:|---:|---:|---:|---|",
@@ -496,6 +600,8 @@ def main() -> None:
             resolution=int(c.get("resolution", 256)),
             overwrite=bool(c.get("overwrite", False)),
             progress=bool(c.get("progress", True)),
+            init_source=str(c.get("init_source", "generated")),
+            scene_seed=int(c.get("scene_seed", 100_000)),
         )
 
     _run()
