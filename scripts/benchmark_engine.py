@@ -1,12 +1,17 @@
-"""Decode benchmark of RSDInferenceEngine: baseline vs strict vs relaxed speculative, side by side.
+"""Decode benchmark of RSDInferenceEngine: baseline, strict / relaxed / epsilon speculation, depth D and
+residual early exit, side by side.
 
-Every held-out sample is decoded by the three engines in turn (rotating order, same process, same
-models), so the speedups compare like with like on a shared machine. Printed per mode: main calls
-per chunk, acceptance, mean accepted length, ms per chunk (draft, main, RFSQ decode, total), speedup
-of the token decoding (draft + main) and of the whole chunk vs the baseline, the ideal speedup given
-the measured acceptance (baseline main calls / speculative main calls: the speedup if a verification
-call cost one sequential step and the draft were free), and agreement with the baseline's tokens and
-actions.
+Every held-out sample is decoded by all the engines in turn (rotating order, same process, same
+models), so the speedups compare like with like on a shared machine. Modes (``docs/engine.md``):
+``baseline`` (8 layers), ``strict``, ``relaxed`` (delta/tau), ``epsilon_<e>`` (``--epsilons``),
+``*_d<D>`` (only the first ``--depth`` layers), ``*_exit`` (early exit ``--exit-rule`` with the sound
+interval bound, threshold ``--exit-epsilon``) and ``*_exitemp`` (the same with per-depth bounds measured on
+training frames: a measurement, not a bound). Printed per mode: main calls and mean depth per chunk,
+acceptance, ms per chunk (draft, main, check = acceptance and exit tests, RFSQ decode, total), the
+token-decoding speedup (draft + main + check) against the 8-layer baseline AND against the baseline
+with the same depth / exit settings (what speculation adds), the ideal speedup (main calls), agreement
+with that same-settings baseline's tokens, and the action distance (normalized units, max abs over the
+chunk, before gripper binarization) to the 8-layer baseline.
 
 Real models::
 
@@ -15,15 +20,19 @@ Real models::
 
 ``--draft best`` / ``--main best``: the newest export under ``logs/draft_proj`` / ``logs/main_head``.
 
-Synthetic (no data, no checkpoints)::
+Synthetic (no data, no checkpoints; also what runs when ``--cache-dir`` is missing)::
 
-    .venv/bin/python scripts/benchmark_engine.py --synthetic [--sweep]
+    .venv/bin/python scripts/benchmark_engine.py --synthetic [--tiny] [--sweep]
 
 trains, on a synthetic task (hidden = class prototype + noise, tokens = the class's fixed table),
 a default-size main decoder on the true tokens and a default-size draft on coarse targets corrupted
 for a chosen share of the classes (``--draft-profile``: fractions of classes whose draft stops at
 layer 3 (= all right), 2, 1, 0), so the strict acceptance is known in advance. The corrupted
-layers are one level off on 8 tokens, so relaxed (delta=1) accepts them. ``--sweep`` adds a table of
+layers are one level off on 8 tokens, so relaxed (delta=1) accepts them. Layers ``>= --chance-from``
+are drawn at random per sample (the observation does not determine them, as on real data), so the main
+model is near chance there. The tokenizer is an untrained ``RFSQTokenizer`` initialised from random
+chunks (``init_from_data``: realistic action scale, meaningless actions). ``--tiny`` shrinks the models
+(hidden 256, main width 128 x 2 blocks, draft width 128) for a quick run. ``--sweep`` adds a table of
 strict speedup against acceptance (the trained draft's proposals corrupted at a given rate).
 
 Batch 1 (the robot's case) and one intra-op thread by default (on a shared 2-core machine extra
@@ -47,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from rsd import PROJECT_ROOT
-from rsd.engine import RSDInferenceEngine
+from rsd.engine.action_space import action_distance, empirical_tail_bounds, normalized_decoder
+from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.models.main_decoder import RFSQMainDecoder, load_main_decoder
 from rsd.tokenizer.layout import NUM_LAYERS, NUM_LEVELS
@@ -80,7 +90,11 @@ def synthetic_task(args) -> dict:
     def sample(n: int, seed: int):
         gg = torch.Generator().manual_seed(seed)
         cls = torch.randint(0, c, (n,), generator=gg)
-        return protos[cls] + args.noise * torch.randn(n, d, generator=gg), tables[cls], cls
+        tokens = tables[cls].clone()
+        if args.chance_from < NUM_LAYERS:  # residual detail the hidden state does not determine
+            tokens[:, args.chance_from:] = torch.randint(0, NUM_LEVELS, tokens[:, args.chance_from:].shape,
+                                                         generator=gg)
+        return protos[cls] + args.noise * torch.randn(n, d, generator=gg), tokens, cls
 
     draft_tables = tables[:, :3].clone()
     for k in range(c):
@@ -111,7 +125,13 @@ def _fit(model, loss_fn, sample, steps: int, lr: float, bs: int, name: str) -> N
 
 
 SYNTHETIC_KEYS = ("seed", "classes", "hidden_dim", "noise", "draft_profile", "train_steps", "train_batch",
-                  "main_width", "main_blocks")
+                  "main_width", "main_blocks", "draft_width", "chance_from")
+
+
+def _synthetic_draft(args) -> RFSQDraftModelWithProjection:
+    w = args.draft_width
+    return RFSQDraftModelWithProjection(input_dim=args.hidden_dim, hidden_dim=w, num_heads=8 if w >= 256 else 4,
+                                        feedforward_dim=4 * w, dropout=0.0)
 
 
 def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection, dict]:
@@ -119,7 +139,7 @@ def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection
     torch.manual_seed(args.seed)
     main = RFSQMainDecoder(input_dim=args.hidden_dim, d_model=args.main_width, num_blocks=args.main_blocks,
                            ff_dim=4 * args.main_width, dropout=0.0)
-    draft = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+    draft = _synthetic_draft(args)
     print(f"synthetic task: {args.classes} classes, hidden {args.hidden_dim}, main {main.num_parameters() / 1e6:.1f}M "
           f"params, draft {sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M; designed strict acceptance "
           f"{task['expected_acceptance']:.3f} (uniform over classes)", flush=True)
@@ -132,11 +152,12 @@ def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection
             draft.load_state_dict(payload["draft"])
             clean = None
             if args.sweep:
-                clean = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+                clean = _synthetic_draft(args)
                 clean.load_state_dict(payload["clean"])
             print(f"loaded the trained synthetic models from {saved}", flush=True)
             hidden, tokens, cls = task["sample"](args.samples * args.batch_size, 7)
             return main.eval(), draft.eval(), dict(hidden=hidden, tokens=tokens, cls=cls, actions=None, task=task,
+                                                   train_hidden=task["sample"](args.empirical_frames, 3)[0],
                                                    source="synthetic", clean_draft=None if clean is None else clean.eval())
         print(f"{saved} was made with other settings: retraining", flush=True)
 
@@ -152,7 +173,7 @@ def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection
     clean = None
     if args.sweep:  # a second draft trained on the true coarse layers, corrupted at a chosen rate in the sweep
         torch.manual_seed(args.seed + 1)
-        clean = RFSQDraftModelWithProjection(input_dim=args.hidden_dim, dropout=0.0)
+        clean = _synthetic_draft(args)
 
         def clean_loss(m, hidden, tokens, cls):
             return F.cross_entropy(m(hidden).reshape(-1, NUM_LEVELS), tokens[:, :3].reshape(-1))
@@ -164,6 +185,7 @@ def train_synthetic(args) -> tuple[RFSQMainDecoder, RFSQDraftModelWithProjection
                     "clean": None if clean is None else clean.state_dict()}, saved)
     hidden, tokens, cls = task["sample"](args.samples * args.batch_size, 7)
     return main, draft, dict(hidden=hidden, tokens=tokens, cls=cls, actions=None, task=task, source="synthetic",
+                             train_hidden=task["sample"](args.empirical_frames, 3)[0],
                              clean_draft=clean)
 
 
@@ -194,10 +216,15 @@ def load_real(args):
     hidden = torch.from_numpy(np.asarray(arrays["hidden"][rows], dtype=np.float32))
     tokens = torch.from_numpy(np.asarray(arrays["tokens"][rows]).astype(np.int64))
     actions = torch.from_numpy(np.asarray(arrays["actions"][rows], dtype=np.float32))
+    train = np.nonzero(np.asarray(arrays["split"]) == 0)[0]
+    train = np.sort(np.random.default_rng(args.seed + 1).choice(train, size=min(len(train), args.empirical_frames),
+                                                                 replace=False))
+    train_hidden = torch.from_numpy(np.asarray(arrays["hidden"][train], dtype=np.float32))
     tok_path = args.tokenizer or (manifest.get("tokenizer") or {}).get("path")
     print(f"main {main_path}, draft {info['path']}, cache {args.cache_dir} ({n} held-out frames), "
           f"tokenizer {tok_path}", flush=True)
     return main, draft, dict(hidden=hidden, tokens=tokens, actions=actions, tokenizer_path=tok_path,
+                             train_hidden=train_hidden,
                              source=str(args.cache_dir))
 
 
@@ -207,7 +234,9 @@ def load_tokenizer(path: str | None):
     if path and Path(path).is_file():
         return RFSQTokenizer.load(path), str(path)
     torch.manual_seed(0)  # an untrained tokenizer: decode cost is the same, the actions mean nothing
-    return RFSQTokenizer().eval(), "untrained RFSQTokenizer() (timing of the decode only)"
+    tok = RFSQTokenizer().eval()
+    tok.init_from_data(torch.rand(4096, 8, 7, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    return tok, "untrained RFSQTokenizer() initialised from random chunks (realistic scale, meaningless actions)"
 
 
 # ---------------------------------------------------------------------- measurement
@@ -250,41 +279,63 @@ def run_modes(engines: dict, hidden: torch.Tensor, batch: int, warmup: int) -> d
     return res
 
 
-def _med(times: list[dict], keys: tuple[str, ...]) -> float:
+TOKEN_SECTIONS = ("draft", "main", "check")  # what token decoding costs (acceptance/exit tests included)
+
+
+def _med(times: list[dict], keys: tuple[str, ...] = TOKEN_SECTIONS) -> float:
     return 1e3 * statistics.median(sum(t.get(k, 0.0) for k in keys) for t in times)
 
 
-def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tensor | None = None) -> list[dict]:
+def _tok_ms(stats) -> float:
+    return sum(stats.ms_per_chunk(k) for k in TOKEN_SECTIONS)
+
+
+def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tensor | None = None,
+              refs: dict[str, str] | None = None, decode_norm=None) -> list[dict]:
+    """One row per mode; ``refs[mode]`` names the baseline with the same depth / exit settings."""
+    refs = refs or {}
     base = res["baseline"]
     b_stats = base["stats"]
-    b_tok_ms = b_stats.ms_per_chunk("draft") + b_stats.ms_per_chunk("main")
-    b_tok_med = _med(base["times"], ("draft", "main"))
     rows = []
     for m, r in res.items():
         s = r["stats"]
-        tok_ms = s.ms_per_chunk("draft") + s.ms_per_chunk("main")
+        ref = res[refs.get(m, "baseline")]
+        tok_ms = _tok_ms(s)
         calls = s.main_calls_per_chunk
         row = {
             "mode": m,
+            "reference": refs.get(m, "baseline"),
+            "settings": r.get("settings"),
             "chunks": s.samples,
             "main_calls_per_chunk": calls,
+            "mean_depth": s.mean_depth,
             "acceptance": s.acceptance_rate,
             "mean_accepted_length": s.mean_accepted_length,
             "per_layer_acceptance": s.per_layer_acceptance,
             "main_steps_saved_per_chunk": s.main_steps_saved / s.inferences,
             "draft_ms": s.ms_per_chunk("draft"),
             "main_ms": s.ms_per_chunk("main"),
+            "check_ms": s.ms_per_chunk("check"),
             "decode_ms": s.ms_per_chunk("decode"),
             "total_ms": s.ms_per_chunk("total"),
             "token_decode_ms": tok_ms,
-            "speedup": b_tok_ms / tok_ms,
-            "speedup_median": b_tok_med / _med(r["times"], ("draft", "main")),
+            "speedup": _tok_ms(b_stats) / tok_ms,
+            "speedup_median": _med(base["times"]) / _med(r["times"]),
+            "speedup_vs_ref": _tok_ms(ref["stats"]) / tok_ms,
+            "speedup_vs_ref_median": _med(ref["times"]) / _med(r["times"]),
             "speedup_total": b_stats.ms_per_chunk("total") / s.ms_per_chunk("total"),
             "ideal_speedup": NUM_LAYERS / calls,
+            "ideal_speedup_vs_ref": ref["stats"].main_calls_per_chunk / calls,
             "token_agreement": float((r["tokens"] == base["tokens"]).float().mean()),
             "chunk_agreement": float((r["tokens"] == base["tokens"]).flatten(1).all(1).float().mean()),
+            "chunk_agreement_vs_ref": float((r["tokens"] == ref["tokens"]).flatten(1).all(1).float().mean()),
             "gt_token_accuracy": None if gt_tokens is None else float((r["tokens"] == gt_tokens).float().mean()),
         }
+        if decode_norm is not None:  # normalized units, max abs over the chunk, before binarization
+            with torch.inference_mode():
+                dist = action_distance(decode_norm(r["tokens"]), decode_norm(base["tokens"]))
+            row["action_dist_max"] = float(dist.max())
+            row["action_dist_median"] = float(dist.median())
         if r["actions"] is not None:
             row["action_max_abs_diff"] = float((r["actions"] - base["actions"]).abs().max())
             row["action_mean_abs_diff"] = float((r["actions"] - base["actions"]).abs().mean())
@@ -299,23 +350,25 @@ def _f(x, fmt: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("| mode | main calls/chunk | acceptance | mean acc. len | per-layer acc. | draft ms | main ms | "
-            "decode ms | total ms | speedup (draft+main) | median speedup | speedup (total) | ideal | "
-            "token agr. | chunk agr. | GT token acc. | action max diff |")
+    head = ("| mode | vs | main calls | depth | acceptance | per-layer acc. | draft ms | main ms | check ms | "
+            "total ms | speedup vs 8L base | median | speedup vs same-depth base | median | ideal vs same | "
+            "chunk agr. vs same | action dist to 8L (max / median) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        pla = "/".join(_f(v, ".2f") for v in r["per_layer_acceptance"]) if r["mode"] != "baseline" else "-"
-        print(f"| {r['mode']} | {r['main_calls_per_chunk']:.2f} | {_f(r['acceptance'], '.3f')} | "
-              f"{_f(r['mean_accepted_length'], '.2f')} | {pla} | {r['draft_ms']:.2f} | {r['main_ms']:.2f} | "
-              f"{r['decode_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_median']:.2f}x | "
-              f"{r['speedup_total']:.2f}x | {r['ideal_speedup']:.2f}x | {r['token_agreement']:.4f} | "
-              f"{r['chunk_agreement']:.3f} | {_f(r['gt_token_accuracy'], '.4f')} | "
-              f"{_f(r.get('action_max_abs_diff'), '.2e')} |")
+        pla = "/".join(_f(v, ".2f") for v in r["per_layer_acceptance"]) if r["acceptance"] == r["acceptance"] \
+            else "-"
+        print(f"| {r['mode']} | {r['reference']} | {r['main_calls_per_chunk']:.2f} | {r['mean_depth']:.2f} | "
+              f"{_f(r['acceptance'], '.3f')} | {pla} | {r['draft_ms']:.2f} | {r['main_ms']:.2f} | "
+              f"{r['check_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_median']:.2f}x | "
+              f"{r['speedup_vs_ref']:.2f}x | {r['speedup_vs_ref_median']:.2f}x | {r['ideal_speedup_vs_ref']:.2f}x | "
+              f"{r['chunk_agreement_vs_ref']:.3f} | {_f(r.get('action_dist_max'), '.4f')} / "
+              f"{_f(r.get('action_dist_median'), '.4f')} |")
 
 
-def component_costs(main, draft, hidden: torch.Tensor, reps: int = 30) -> dict:
-    """Isolated per-call costs (ms): draft, first main step, one incremental step, verification call."""
+def component_costs(main, draft, hidden: torch.Tensor, reps: int = 30, engines: dict | None = None) -> dict:
+    """Isolated per-call costs (ms): draft, first main step, one incremental step, verification calls with
+    1..n drafted layers, and the engines' tests (epsilon acceptance, interval exit bound)."""
     def t(fn) -> float:
         for _ in range(5):
             fn()
@@ -328,6 +381,7 @@ def component_costs(main, draft, hidden: torch.Tensor, reps: int = 30) -> dict:
             vals.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(vals)
 
+    out = {}
     with torch.inference_mode():
         drafted = draft.propose(hidden)
         cache = main.new_cache(hidden.shape[0])
@@ -338,10 +392,19 @@ def component_costs(main, draft, hidden: torch.Tensor, reps: int = 30) -> dict:
             cache.truncate(1)
             main.extend(prev, cache)
 
-        return {"draft": t(lambda: draft.propose(hidden)),
-                "main_first": t(lambda: main.score(hidden, None, main.new_cache(hidden.shape[0]))),
-                "main_step": t(step),
-                "main_verify": t(lambda: main.score(hidden, drafted, main.new_cache(hidden.shape[0])))}
+        out["draft"] = t(lambda: draft.propose(hidden))
+        out["main_first"] = t(lambda: main.score(hidden, None, main.new_cache(hidden.shape[0])))
+        out["main_step"] = t(step)
+        for n in range(drafted.shape[1], 0, -1):
+            key = "main_verify" if n == drafted.shape[1] else f"main_verify_{n}"
+            out[key] = t(lambda n=n: main.score(hidden, drafted[:, :n], main.new_cache(hidden.shape[0])))
+        tokens = torch.randint(0, NUM_LEVELS, (hidden.shape[0], NUM_LAYERS, drafted.shape[-1]))
+        for eng in (engines or {}).values():
+            if eng.mode == "epsilon" and "epsilon_check" not in out:
+                out["epsilon_check"] = t(lambda eng=eng: eng.accept(drafted, drafted.flip(0)))
+            if eng._tail is not None and "bound_check" not in out:
+                out["bound_check"] = t(lambda eng=eng: eng.tail_bound(tokens, 3))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive strict engine row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
+    e = p.add_argument_group("action-space rules and early exit (docs/engine.md)")
+    e.add_argument("--epsilons", default="0.05,0.1,0.2",
+                   help="epsilon rule thresholds, normalized action units (empty: no epsilon rows)")
+    e.add_argument("--depth", type=int, default=3, help="the fixed-depth rows decode this many layers (0: none)")
+    e.add_argument("--exit-rule", default="both", choices=["bound", "chance", "both", "none"],
+                   help="the early-exit rows' rule")
+    e.add_argument("--exit-epsilon", type=float, default=0.05, help="the exit bound's threshold (normalized units)")
+    e.add_argument("--chance-entropy", type=float, default=0.98, help="chance exit: fraction of log(7)")
+    e.add_argument("--empirical-frames", type=int, default=200,
+                   help="training frames on which the *_exitemp rows measure their per-depth bounds (0: no rows)")
     g = p.add_argument_group("synthetic task")
     g.add_argument("--classes", type=int, default=32)
     g.add_argument("--hidden-dim", type=int, default=4096)
@@ -375,9 +448,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--train-batch", type=int, default=32)
     g.add_argument("--main-width", type=int, default=512)
     g.add_argument("--main-blocks", type=int, default=6)
+    g.add_argument("--draft-width", type=int, default=512)
+    g.add_argument("--chance-from", type=int, default=3,
+                   help="layers >= this are random per sample (the main model is at chance there; 8: none)")
+    g.add_argument("--tiny", action="store_true",
+                   help="small models for a quick run: hidden 256, main 128 x 2 blocks, draft 128, 60 samples")
     g.add_argument("--synthetic-models", help="reuse the trained synthetic models from this file (written if absent)")
     g.add_argument("--sweep", action="store_true", help="also: strict speedup vs acceptance (0, .25, .5, .75, .9, 1)")
     args = p.parse_args(argv)
+    if args.tiny:
+        args.synthetic = True
+        args.hidden_dim, args.main_width, args.main_blocks, args.draft_width = 256, 128, 2, 128
+        args.samples = min(args.samples, 60)
+    if not args.synthetic and not (args.cache_dir and Path(args.cache_dir).is_dir()):
+        print(f"no feature cache at {args.cache_dir!r}: running the synthetic setup instead (--synthetic)", flush=True)
+        args.synthetic = True
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -398,35 +483,75 @@ def main(argv: list[str] | None = None) -> int:
     delta = None if args.delta < 0 else args.delta
     tau = None if args.tau < 0 else args.tau
     acc = args.accelerate
-    engines = {
-        "baseline": RSDInferenceEngine(main_model, tokenizer=tokenizer, mode="baseline", accelerate=acc),
-        "strict": RSDInferenceEngine(main_model, draft, tokenizer, mode="strict", accelerate=acc),
-        "relaxed": RSDInferenceEngine(main_model, draft, tokenizer, mode="relaxed", delta=delta, tau=tau,
-                                      accelerate=acc),
-    }
+    epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
+    eps_mid = epsilons[len(epsilons) // 2] if epsilons else None
+    engines: dict[str, RSDInferenceEngine] = {}
+    refs: dict[str, str] = {}  # mode -> the baseline with the same depth / exit settings
+
+    def add(name: str, ref: str, mode: str, **kw) -> None:
+        engines[name] = RSDInferenceEngine(main_model, None if mode == "baseline" else draft, tokenizer, mode=mode,
+                                           accelerate=acc, **kw)
+        refs[name] = ref
+
+    def family(suffix: str, **kw) -> None:
+        """baseline + strict + epsilon (middle value) with the same depth / exit settings."""
+        ref = f"baseline{suffix}"
+        add(ref, ref, "baseline", **kw)
+        add(f"strict{suffix}", ref, "strict", **kw)
+        if eps_mid is not None:
+            add(f"epsilon_{eps_mid:g}{suffix}", ref, "epsilon", epsilon=eps_mid, **kw)
+
+    add("baseline", "baseline", "baseline")
+    add("strict", "baseline", "strict")
+    add("relaxed", "baseline", "relaxed", delta=delta, tau=tau)
     if not args.no_adaptive:  # strict, speculating only while it measures faster (lossless as well)
-        engines["strict_adaptive"] = RSDInferenceEngine(main_model, draft, tokenizer, mode="strict",
-                                                        accelerate=acc, adaptive=True)
-    costs = component_costs(main_model, draft, hidden[: args.batch_size].to(dtype))
+        add("strict_adaptive", "baseline", "strict", adaptive=True)
+    for eps in epsilons:
+        add(f"epsilon_{eps:g}", "baseline", "epsilon", epsilon=eps)
+    if 1 <= args.depth < NUM_LAYERS:
+        family(f"_d{args.depth}", depth=args.depth)
+    exit_kw = {}
+    if args.exit_rule != "none":
+        exit_kw = dict(early_exit=args.exit_rule, exit_epsilon=args.exit_epsilon, chance_entropy=args.chance_entropy)
+        family("_exit", **exit_kw)
+    emp_bounds = None
+    if args.exit_rule in ("bound", "both") and args.empirical_frames > 0:
+        # per-depth bounds measured on training frames (the main model's own tokens): a measurement
+        train_hidden = data["train_hidden"][: args.empirical_frames].to(device)
+        base_eng = engines["baseline"]
+        with torch.inference_mode():
+            train_tokens = torch.cat([base_eng.predict(train_hidden[i:i + 64], decode=False).tokens
+                                      for i in range(0, train_hidden.shape[0], 64)])
+        base_eng.reset_stats()
+        emp_bounds = empirical_tail_bounds(normalized_decoder(tokenizer), train_tokens, NUM_LEVELS)
+        shown = ", ".join(f"{x:.4f}" for x in emp_bounds[1:NUM_LAYERS])
+        print(f"empirical tail bounds on {train_tokens.shape[0]} training frames (max action change of dropping "
+              f"layers >= D, D=1..7): {shown}", flush=True)
+        family("_exitemp", **exit_kw, tail_bounds=emp_bounds)
+    costs = component_costs(main_model, draft, hidden[: args.batch_size].to(dtype), engines=engines)
     n_main = main_model.num_parameters()
     n_draft = sum(p.numel() for p in draft.parameters())
     machine = f"{device.type}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                   f", {torch.get_num_threads()} thread(s)")
     print(f"\nmachine: {machine}; dtype {args.dtype}; accelerate {acc}; batch {args.batch_size}; "
           f"{hidden.shape[0] // args.batch_size} chunks per mode; main {n_main / 1e6:.1f}M params, draft {n_draft / 1e6:.1f}M")
-    print("isolated call costs (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
-          + f"; verify/step {costs['main_verify'] / costs['main_step']:.2f}, draft/step "
-          f"{costs['draft'] / costs['main_step']:.2f}")
+    print("isolated call costs (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
+    print("in main steps: " + ", ".join(f"{k} {v / costs['main_step']:.2f}" for k, v in costs.items()
+                                        if k != "main_step"))
     res = run_modes(engines, hidden, args.batch_size, args.warmup)
+    for name, eng in engines.items():
+        res[name]["settings"] = eng.settings()
     gt = data["tokens"][: res["baseline"]["tokens"].shape[0]]
     gt_actions = None if data.get("actions") is None else data["actions"][: gt.shape[0]]
-    rows = summarize(res, gt, gt_actions)
+    rows = summarize(res, gt, gt_actions, refs, normalized_decoder(tokenizer))
     accelerate_info = {k: e.accelerate_info for k, e in engines.items()}
     print("\naccelerate in use (isolated call costs above are eager): "
           + "; ".join(f"{k}: draft {v['draft']}, main {v['main']}" + (f" (fallback: {v['fallback']})"
                                                                        if v["fallback"] else "")
                       for k, v in accelerate_info.items()))
-    print(f"relaxed: delta={delta}, tau={tau}")
+    print(f"relaxed: delta={delta}, tau={tau}; epsilon rows: {epsilons}; depth rows: {args.depth}; exit rows: "
+          f"{args.exit_rule} (exit_epsilon {args.exit_epsilon}, chance_entropy {args.chance_entropy}); speedups "
+          f"count draft + main + check ms; 'vs' = the same-settings baseline")
     if "task" in data:
         n_chunks = res["baseline"]["tokens"].shape[0]
         designed = float(data["task"]["stop"][data["cls"][:n_chunks]].float().mean()) / 3
@@ -438,6 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     a = strict["mean_accepted_length"]
     model_pred = (costs["main_first"] + (NUM_LAYERS - 1) * costs["main_step"]) / (
         costs["draft"] + costs["main_verify"] + (NUM_LAYERS - 1 - a) * costs["main_step"])
+    best = max((r for r in rows if r["mode"] != "baseline"), key=lambda r: r["speedup"])
+    print(f"\nfastest row: {best['mode']} {best['speedup']:.2f}x vs the 8-layer baseline, "
+          f"{best['speedup_vs_ref']:.2f}x vs {best['reference']}; action distance to the 8-layer baseline "
+          f"max {_f(best.get('action_dist_max'), '.4f')}")
     if gt_actions is not None:
         print("\naction MAE vs the cache's ground-truth chunks (raw units): "
               + ", ".join(f"{r['mode']} {r.get('action_mae_vs_gt', float('nan')):.4f}" for r in rows))
@@ -473,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         out = {"machine": machine, "dtype": args.dtype, "accelerate": accelerate_info,
                "batch_size": args.batch_size, "source": data["source"],
                "tokenizer": tok_desc, "main_params": n_main, "draft_params": n_draft, "costs_ms": costs,
-               "delta": delta, "tau": tau, "rows": rows, "sweep": sweep_rows,
+               "delta": delta, "tau": tau, "epsilons": epsilons, "depth": args.depth, "exit_rule": args.exit_rule,
+               "exit_epsilon": args.exit_epsilon, "empirical_tail_bounds": emp_bounds, "rows": rows,
+               "sweep": sweep_rows,
                "designed_acceptance": designed if "task" in data else None,
                "argv": sys.argv[1:]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,28 @@ summary line printed after every (dtype, accelerate) row, so a run cut short kee
     python scripts/benchmark_gpu_latency.py --device cuda --backbone openvla-shaped --backbone-scale full \
         --accel eager,cuda_graph,compile --out logs/bench/openvla_shaped_gpu.json
 
+The second design, ``--designs head,vla_llm`` (needs ``--backbone openvla-shaped``): the VLA's own language
+model decodes the RFSQ layers (``rsd.models.vla_llm_main.VLALLMMain`` on the backbone's Llama, one LLM position
+per layer, docs/vla_llm.md). Per dtype and cache mode (``--vla-accel``: ``eager`` = DynamicCache,
+``static`` = StaticCache, ``static_compile`` = StaticCache + ``torch.compile`` of the language model,
+``mode="reduce-overhead"`` = CUDA graphs on CUDA), medians of: ``backbone`` (vision + projector + LLM prefill
+into the KV cache), ``draft`` (the draft on the prompt's last hidden state), ``verify`` (head_0 + ONE LLM
+forward over the 3 drafted layers), ``step`` (one LLM layer step), the whole chunk (backbone + decode) for the
+baseline (7 LLM steps) and for strict speculation forced to accept a = 0, 1, 2, 3 layers (the draft runs,
+then the engine gets tokens that agree with the baseline's on exactly a layers), the speedup of each over the
+baseline next to its ideal 7 / (8 - a) LLM forwards, and the expected chunk at the acceptance profile of a
+CPU benchmark JSON (``--acceptance-json``: ``scripts/benchmark_engine.py --out`` output, its strict row's
+``per_layer_acceptance``, or any JSON with ``accepted_length_counts`` / ``profile`` = P(a = 0..3));
+per action (chunk / 8) against OpenVLA's autoregressive action in the same run. Targets (one H100/H200):
+speculation at the profile >= 1.45x per chunk; the light head's (draft + main + decode) <= 5 % of the backbone
+and draft <= 0.1 ms as a CUDA graph; the faster design per action >= 20x OpenVLA's AR. The JSON's ``device`` is
+``torch.cuda.get_device_name()`` (or the CPU's name; ``cpu_smoke: true`` then). Both designs on one GPU::
+
+    python scripts/benchmark_gpu_latency.py --device cuda --backbone openvla-shaped --backbone-scale full \
+        --designs head,vla_llm --accel eager,cuda_graph --vla-accel eager,static,static_compile \
+        --acceptance-json docs/results/gpu/cpu_acceptance.json --iters 50 --backbone-iters 10 \
+        --out docs/results/gpu/openvla_shaped_h200.json
+
 CPU (small scale, ~20 s on one core)::
 
     python scripts/benchmark_gpu_latency.py --device cpu --backbone openvla-shaped --backbone-scale small \
@@ -245,6 +267,211 @@ class OpenVLAShapedBackbone(torch.nn.Module):
     def generate_action(self, obs: dict) -> torch.Tensor:
         """OpenVLA's per-action path on this backbone: vision + projector + prefill + 6 decode steps."""
         return self.generate_from_embeddings(self.embeddings(obs))
+
+# ---------------------------------------------------------------------- design 2: the LLM decodes the layers
+VLA_ACCEL = ("eager", "static", "static_compile")
+TARGET_VLA_SPEEDUP = 1.45
+VLA_FORCED = (0, 1, 2, 3)
+
+
+def acceptance_profile(path: str | None) -> dict | None:
+    """P(accepted length a = 0..3) from a CPU benchmark JSON (see the module docstring), or None."""
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text())
+
+    def rows(obj):
+        if isinstance(obj, dict):
+            yield obj
+            for v in obj.values():
+                yield from rows(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from rows(v)
+
+    for row in rows(data):
+        if "profile" in row and len(row["profile"]) == 4:
+            p = [float(x) for x in row["profile"]]
+            return {"source": path, "p": [x / sum(p) for x in p], "from": "profile"}
+        if "accepted_length_counts" in row and len(row["accepted_length_counts"]) == 4:
+            c = [float(x) for x in row["accepted_length_counts"]]
+            return {"source": path, "p": [x / sum(c) for x in c], "from": "accepted_length_counts",
+                    "mode": row.get("mode")}
+    for row in rows(data):  # benchmark_engine.py: per_layer_acceptance of its first strict row (marginal)
+        pla = row.get("per_layer_acceptance")
+        if pla and len(pla) == 3 and "strict" in str(row.get("mode", "strict")):
+            q = [1.0, *[float(x) for x in pla], 0.0]  # P(a >= k)
+            return {"source": path, "p": [q[k] - q[k + 1] for k in range(4)], "from": "per_layer_acceptance",
+                    "mode": row.get("mode")}
+    raise SystemExit(f"--acceptance-json {path}: no accepted_length_counts / profile / per_layer_acceptance found")
+
+
+class _ForcedTokens:
+    """Runs the real draft on the prompt, then proposes given tokens (a forced accepted length)."""
+
+    num_coarse_layers = 3
+
+    def __init__(self, draft, tokens: torch.Tensor) -> None:
+        self.draft, self.tokens = draft, tokens
+
+    def propose(self, hidden) -> torch.Tensor:
+        self.draft.propose(hidden)
+        return self.tokens
+
+
+def bench_vla_llm(backbone: OpenVLAShapedBackbone, obs: dict, dtype: torch.dtype, device: torch.device, args,
+                  accel: str, profile: dict | None, tokenizer) -> dict:
+    """Design 2 (``VLALLMMain`` on the backbone's Llama) for one cache mode; see the module docstring."""
+    from transformers import StaticCache
+
+    from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain, crop_cache
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    lm = backbone.llm.model
+    main = VLALLMMain(lm).to(device=device, dtype=dtype).eval()
+    d = backbone.hidden_dim
+    draft = (RFSQDraftModelWithProjection(input_dim=d, hidden_dim=64, num_heads=4, feedforward_dim=128, dropout=0.0)
+             if args.tiny else RFSQDraftModelWithProjection(input_dim=d, dropout=0.0)).to(device=device, dtype=dtype).eval()
+    info = {"accelerate": accel, "fallback": None}
+    with torch.inference_mode():
+        embeds = backbone.embeddings(obs)
+    length = int(embeds.shape[1])
+    static = None
+    if accel in ("static", "static_compile"):
+        static = StaticCache(config=lm.config, max_cache_len=length + main.num_layers)
+    original_forward = lm.forward
+    if accel == "static_compile":
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        lm.forward = torch.compile(original_forward, mode=mode, dynamic=False)
+        info["compile"] = mode
+    kw = main._cache_kw
+
+    def prefill() -> LLMPrompt:
+        e = backbone.embeddings(obs)
+        if static is not None:
+            crop_cache(static, 0)  # reuse the preallocated cache (static addresses for the graphs)
+        out = lm(inputs_embeds=e, use_cache=True, **({kw: static} if static is not None else {}))
+        cache = static if static is not None else getattr(out, kw, None) or out.past_key_values
+        return LLMPrompt(out.last_hidden_state[:, -1], cache, length)
+
+    try:
+        with torch.inference_mode():
+            prompt = prefill()
+            base = RSDInferenceEngine(main, mode="baseline", tokenizer=tokenizer, device=device)
+            greedy = base.predict(prompt, decode=False).tokens
+            forced = {}
+            for a in VLA_FORCED:
+                tok = greedy[:, :3].clone()
+                if a < 3:
+                    tok[:, a] = (tok[:, a] + 1) % 7
+                forced[a] = RSDInferenceEngine(main, _ForcedTokens(draft, tok), mode="strict", tokenizer=tokenizer,
+                                               device=device)
+            equal = {}
+            for a, eng in forced.items():
+                out = eng.predict(prefill(), decode=False)
+                equal[a] = {"accepted": out.accepted_length, "tokens_equal_baseline": bool(torch.equal(out.tokens, greedy)),
+                            "tokens_differing": int((out.tokens != greedy).sum())}
+
+            def verify():
+                return main.score(prompt, greedy[:, :3], main.new_cache(1))
+
+            cache = main.new_cache(1)
+            main.score(prompt, greedy[:, :3], cache)
+
+            def step():
+                cache.truncate(4)
+                return main.extend(greedy[:, 3:4], cache)
+
+            ops = {"backbone": prefill, "draft": lambda: draft.propose(prompt), "verify": verify, "step": step,
+                   "baseline": lambda: base.predict(prefill())}
+            for a, eng in forced.items():
+                ops[f"strict_a{a}"] = (lambda e=eng: e.predict(prefill()))
+            ms = {}
+            for name, fn in ops.items():
+                if name in ("verify", "step", "draft"):  # re-attach the prompt's sequence before these
+                    prompt = prefill()
+                    cache = main.new_cache(1)
+                    main.score(prompt, greedy[:, :3], cache)
+                ms[name] = timed(fn, args.backbone_iters, args.backbone_warmup, device)
+                print(f"    vla_llm [{accel}] {name}: {ms[name]['median']:.3f} ms", flush=True)
+    except Exception as exc:  # noqa: BLE001 - a failing mode (e.g. a compile/graph error) is recorded, not fatal
+        lm.forward = original_forward
+        info["fallback"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        print(f"    vla_llm [{accel}] failed: {info['fallback']}", flush=True)
+        return {"info": info, "setup_s": time.perf_counter() - t0}
+    lm.forward = original_forward
+    base_ms = ms["baseline"]["median"]
+    speed = {a: {"chunk_ms": ms[f"strict_a{a}"]["median"], "speedup": base_ms / ms[f"strict_a{a}"]["median"],
+                 "ideal_llm_forwards": 7 / (8 - a)} for a in VLA_FORCED}
+    res = {"info": info, "setup_s": time.perf_counter() - t0, "ms": ms, "prompt_tokens": length,
+           "new_params_m": round(sum(v.numel() for v in main.new_parameters().values()) / 1e6, 2),
+           "strict_check": equal, "forced": speed,
+           "decode_ms": {"baseline": base_ms - ms["backbone"]["median"]},
+           "per_action_ms": {"baseline": base_ms / CHUNK_LEN, **{f"strict_a{a}": v["chunk_ms"] / CHUNK_LEN
+                                                                 for a, v in speed.items()}}}
+    if profile is not None:
+        expected = sum(p * speed[a]["chunk_ms"] for a, p in enumerate(profile["p"]))
+        res["profile"] = {**profile, "expected_chunk_ms": expected, "speedup": base_ms / expected,
+                          "ideal_llm_forwards": 7 / sum(p * (8 - a) for a, p in enumerate(profile["p"]))}
+    return res
+
+
+def vla_targets(vla_rows: dict, head_rows: list[dict], ar_action_ms: float) -> dict:
+    """The issue's targets for design 2 and for the faster design per action (best mode of each)."""
+    ok = {k: r for k, r in vla_rows.items() if "ms" in r}
+    out = {}
+    if ok:
+        best = max(ok.items(), key=lambda kv: kv[1].get("profile", {}).get("speedup", kv[1]["forced"][3]["speedup"]))
+        sp = best[1].get("profile", {}).get("speedup")
+        out["vla_llm_speedup_at_profile"] = {"target": f">= {TARGET_VLA_SPEEDUP}x", "mode": best[0], "value": sp,
+                                             "met": None if sp is None else sp >= TARGET_VLA_SPEEDUP}
+        vla_pa = min(min(r["per_action_ms"].values()) for r in ok.values())
+    else:
+        vla_pa = float("inf")
+    head_pa = min((m["per_action_ms"] for r in head_rows for m in r.get("chunk_summary", {}).get("modes", {}).values()),
+                  default=float("inf"))
+    faster = min(vla_pa, head_pa)
+    out["faster_design_per_action_vs_openvla_ar"] = {
+        "target": f">= {TARGET_AR_RATIO:.0f}x", "design": "vla_llm" if vla_pa < head_pa else "head",
+        "per_action_ms": faster, "openvla_ar_ms": ar_action_ms, "value": ar_action_ms / faster,
+        "met": ar_action_ms / faster >= TARGET_AR_RATIO}
+    return out
+
+
+def print_vla_tables(name: str, dt: str, vla: dict) -> None:
+    print(f"\nvla_llm design (the VLA's LLM decodes the 8 layers; {dt}, batch 1, median ms) on {name}:\n")
+    print("| cache | backbone (prefill) | draft | verify (3 pos.) | step | baseline chunk | a=0 | a=1 | a=2 | a=3 "
+          "| profile chunk |")
+    print("|---|" + "---|" * 10)
+    for accel, r in vla["rows"].items():
+        if "ms" not in r:
+            print(f"| {accel} | failed: {r['info']['fallback']} |" + " |" * 9)
+            continue
+        ms = r["ms"]
+        prof = r.get("profile", {}).get("expected_chunk_ms")
+        print(f"| {accel} | {ms['backbone']['median']:.3f} | {ms['draft']['median']:.3f} | {ms['verify']['median']:.3f} "
+              f"| {ms['step']['median']:.3f} | {ms['baseline']['median']:.3f} | "
+              + " | ".join(f"{ms[f'strict_a{a}']['median']:.3f}" for a in VLA_FORCED)
+              + f" | {'-' if prof is None else f'{prof:.3f}'} |")
+    print("\nspeedup per chunk over the same model's baseline (measured / ideal in LLM forwards 7/(8-a)):\n")
+    print("| cache | a=0 | a=1 | a=2 | a=3 | at the CPU profile |")
+    print("|---|---|---|---|---|---|")
+    for accel, r in vla["rows"].items():
+        if "ms" not in r:
+            continue
+        f = r["forced"]
+        prof = r.get("profile")
+        print(f"| {accel} | " + " | ".join(f"{f[a]['speedup']:.2f}x / {f[a]['ideal_llm_forwards']:.2f}x"
+                                           for a in VLA_FORCED)
+              + (f" | {prof['speedup']:.2f}x / {prof['ideal_llm_forwards']:.2f}x |" if prof else " | - |"))
+    for key, t in vla["targets"].items():
+        met = t.get("met")
+        state = "not measured" if met is None else ("met" if met else "NOT met")
+        val = t.get("value")
+        print(f"target {key}: {t['target']}: {'-' if val is None else f'{val:.2f}x'} -> {state}"
+              + (f" (design {t['design']}, {t['per_action_ms']:.3f} ms vs {t['openvla_ar_ms']:.3f} ms per action)"
+                 if "design" in t else ""))
 
 
 def cpu_name() -> str:
@@ -527,12 +754,30 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompt tokens incl. BOS and the empty token (+256 image tokens = 276 by default)")
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--designs", default="head",
+                   help="comma-separated: head (light depth decoder), vla_llm (the backbone's LLM decodes the layers; "
+                        "needs --backbone openvla-shaped)")
+    p.add_argument("--vla-accel", default=None,
+                   help=f"vla_llm cache modes, comma-separated of {VLA_ACCEL} (default: all on CUDA, eager,static on CPU)")
+    p.add_argument("--acceptance-json", default=None,
+                   help="a CPU benchmark JSON (scripts/benchmark_engine.py --out) whose acceptance profile weighs the "
+                        "forced accepted lengths of the vla_llm design")
     p.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
     use_backbone = args.backbone != "none"
+    designs = [x.strip() for x in args.designs.split(",") if x.strip()]
+    if set(designs) - {"head", "vla_llm"}:
+        raise SystemExit(f"unknown --designs {designs}; choose from head, vla_llm")
+    if "vla_llm" in designs and not use_backbone:
+        raise SystemExit("--designs vla_llm decodes with the backbone's LLM: add --backbone openvla-shaped")
+    vla_accels = [x.strip() for x in (args.vla_accel or (",".join(VLA_ACCEL) if device.type == "cuda"
+                                                         else "eager,static")).split(",") if x.strip()]
+    if set(vla_accels) - set(VLA_ACCEL):
+        raise SystemExit(f"unknown --vla-accel {vla_accels}; choose from {VLA_ACCEL}")
+    profile = acceptance_profile(args.acceptance_json)
     if use_backbone and args.backbone_scale == "full" and device.type != "cuda":
         build_backbone("full", torch.float32, device, args.prompt_tokens, args.seed)  # raises the explanation
     if use_backbone and args.backbone_scale == "tiny":
@@ -563,6 +808,7 @@ def main(argv: list[str] | None = None) -> int:
           f"models: {'tiny' if args.tiny else 'default size'}, hidden {args.hidden_dim}", flush=True)
 
     rows = []
+    vla: dict = {}
     bb = None
     if use_backbone:
         bb = {"name": args.backbone, "scale": args.backbone_scale, "prompt_tokens": args.prompt_tokens,
@@ -571,10 +817,13 @@ def main(argv: list[str] | None = None) -> int:
     def write_out() -> None:
         if not args.out:
             return
-        out = {"machine": machine, "batch_size": 1, "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny,
+        out = {"device": machine["name"], "cpu_smoke": device.type != "cuda", "designs": designs,
+               "machine": machine, "batch_size": 1, "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny,
                "hidden_dim": args.hidden_dim, "rows": rows, "argv": sys.argv[1:] if argv is None else argv}
         if bb is not None:
             out.update(backbone=bb, chunk_len=CHUNK_LEN)
+        if vla:
+            out["vla_llm"] = vla
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
 
@@ -601,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             hidden = torch.randn(1, args.hidden_dim, generator=torch.Generator().manual_seed(args.seed + 1))
             hidden = hidden.to(device=device, dtype=dtype)
         ref = None
-        for accel in accels:
+        for accel in (accels if "head" in designs else []):
             print(f"[{dt} {accel}] ...", flush=True)
             r = bench_mode(main_model, draft, hidden, accel, args, device, backbone, obs, tokenizer)
             r["dtype"] = dt
@@ -629,12 +878,24 @@ def main(argv: list[str] | None = None) -> int:
                           f"{m['ar_over_rsd_per_action']:.1f}x", flush=True)
             rows.append(r)
             write_out()
+        if "vla_llm" in designs:
+            vla[dt] = {"rows": {}}
+            for vaccel in vla_accels:
+                print(f"[{dt} vla_llm {vaccel}] ...", flush=True)
+                vla[dt]["rows"][vaccel] = bench_vla_llm(backbone, obs, dtype, device, args, vaccel, profile, tokenizer)
+                write_out()
+            vla[dt]["targets"] = vla_targets(vla[dt]["rows"], [r for r in rows if r["dtype"] == dt],
+                                             bb["results"][dt]["ms"]["ar_action"]["median"])
+            write_out()
         del main_model, draft, backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print_tables(rows)
-    if use_backbone:
+    if rows:
+        print_tables(rows)
+    if use_backbone and rows:
         print_backbone_tables(machine, bb, rows)
+    for dt, v in vla.items():
+        print_vla_tables(machine["name"], dt, v)
     if args.out:
         write_out()
         print(f"\nwritten {args.out}")

@@ -56,12 +56,9 @@ def _hold(actions: np.ndarray, n: int) -> np.ndarray:
 
 
 def _replay(env, start_state: np.ndarray, actions: np.ndarray, warmup: int = 0) -> tuple[bool, int]:
-    from rsd.envs.libero_env import NOOP_ACTION
+    from rsd.envs.libero_env import reset_to_init_state
 
-    env.reset()
-    env.set_init_state(start_state)
-    for _ in range(warmup):
-        env.step(NOOP_ACTION)
+    reset_to_init_state(env, start_state, num_warmup_steps=warmup)
     for t, action in enumerate(actions):
         _, _, done, _ = env.step(action)
         if done:

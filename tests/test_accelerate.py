@@ -97,7 +97,8 @@ def test_cuda_graph_on_cpu_falls_back_with_a_warning():
 
 
 def test_policy_accelerate_reaches_the_engines():
-    from rsd.eval.policy import EnginePolicy, spec_identity
+    from rsd.policies import spec_identity
+    from rsd.policies.engine_policy import EnginePolicy
 
     main, draft = _models()
     assert EnginePolicy(object(), draft, main, None).engine_for("speculative").accelerate_info["mode"] == "eager"

@@ -88,17 +88,13 @@ def _train_overrides(tmp_path: Path, cache_dir: Path, *extra: str, run: str = "r
             f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'logs/draft_proj/runs' / run}",
             "logger=csv", "callbacks.progress_bar=null", "trainer.accelerator=cpu",
-            "model.hidden_dim=64", "model.feedforward_dim=128", "model.num_heads=4", *extra]
+            "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", *extra]
 
 
 def _train(cfg):
-    import importlib.util
 
-    from rsd import PROJECT_ROOT
 
-    spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import rsd.train as module
     return module.train(cfg)
 
 
@@ -114,11 +110,11 @@ def test_every_experiment_composes(experiment: str) -> None:
 
 def test_draft_configs() -> None:
     cfg = _compose(["experiment=draft_proj", "paths.output_dir=/tmp/x"])
-    assert cfg.model.input_dim == cfg.backbone.hidden_dim == 4096
+    assert cfg.model.net.input_dim == cfg.backbone.hidden_dim == 4096
     assert cfg.data.cache_dir.endswith("data/cache/sim_state_libero_spatial")
     assert "export_draft" in cfg.callbacks and cfg.callbacks.model_checkpoint.monitor == "val/accuracy"
     small = _compose(["experiment=draft_proj_small", "paths.output_dir=/tmp/x"])
-    assert small.model.hidden_dim == 256
+    assert small.model.net.hidden_dim == 256
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cache_cfg = compose(config_name="cache", overrides=["backbone=sim_state", "suite=libero_spatial",
                                                             "paths.output_dir=/tmp/x"])
@@ -264,7 +260,7 @@ def test_train_checkpoint_export_and_resume(tmp_path: Path) -> None:
 
 def test_datamodule_rejects_wrong_input_dim(tmp_path: Path) -> None:
     cache = make_tiny_cache(tmp_path / "cache")
-    cfg = _compose(_train_overrides(tmp_path, cache, "+trainer.fast_dev_run=true", "model.input_dim=32"))
+    cfg = _compose(_train_overrides(tmp_path, cache, "+trainer.fast_dev_run=true", "model.net.input_dim=32"))
     with pytest.raises(ValueError, match="input_dim"):
         _train(cfg)
 
@@ -343,7 +339,7 @@ def test_build_cache_from_demo_file(tmp_path: Path) -> None:
 
     from rsd.data.cache import backbone_from_manifest, build_cache
     from rsd.data.chunks import action_chunks
-    from rsd.envs.expert import run_expert_episode
+    from rsd.data.record import run_expert_episode
     from rsd.envs.libero_env import get_init_states, get_task, make_env
     from rsd.tokenizer.layout import codes_to_layers
     from rsd.tokenizer.rfsq import RFSQTokenizer

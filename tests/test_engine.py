@@ -299,7 +299,7 @@ def test_adaptive_strict_takes_the_faster_path_and_stays_lossless(spec_cost, bas
     assert sum(eng.stats.accepted_length_counts) == n_spec  # acceptance counts speculated chunks only
     with pytest.raises(ValueError, match="strict"):
         RSDInferenceEngine(main, OracleDraft(main, [0]), mode="relaxed", adaptive=True)
-    from rsd.eval.policy import EnginePolicy
+    from rsd.policies.engine_policy import EnginePolicy
 
     with pytest.raises(ValueError, match="policy.acceptance=strict"):  # an error, not silently dropped
         EnginePolicy(None, None, main, None, acceptance="relaxed", adaptive=True)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from rsd import PROJECT_ROOT
-from rsd.eval.policy import NoopPolicy, build_policy
 from rsd.eval.rollout import accumulate_stats, binarize_gripper, check_chunk
 from rsd.eval.runner import EPISODES_FILE, load_records, record_key, run_evaluation
 from rsd.eval.summary import format_guide_summary, summarize, task_table_markdown, write_summary
+from rsd.policies import NoopPolicy, build_policy
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
@@ -146,8 +146,9 @@ def test_summary_numbers_from_fixture_jsonl(tmp_path):
                  "Acceptance Rate: 50.0%", "Speedup (baseline / speculative inference time): 2.00x"):
         assert line in text, line
     md = task_table_markdown(s)
-    assert "| 0 | do task 0 | 1/2 (50%) | 1/2 (50%), 1 err |" in md
-    assert "| all |  | 2/3 (67%) | 1/3 (33%), 1 err |" in md
+    # cells carry the 95 % Wilson interval in percent (1/2: 9.5-90.5, 2/3: 20.8-93.9, 1/3: 6.1-79.2)
+    assert "| 0 | do task 0 | 1/2 (50%) [9, 91] | 1/2 (50%) [9, 91], 1 err |" in md
+    assert "| all |  | 2/3 (67%) [21, 94] | 1/3 (33%) [6, 79], 1 err |" in md
     paths = write_summary(tmp_path, s)
     assert json.loads(paths["json"].read_text())["modes"]["speculative"]["successes"] == 2
 
@@ -267,7 +268,7 @@ def _tiny_engine_artifacts(root: Path) -> dict:
 
 @pytest.mark.sim
 def test_engine_policy_both_modes_on_the_same_init_states(tmp_path):
-    from rsd.eval.policy import resolve_policy_spec
+    from rsd.policies import resolve_policy_spec
 
     art = _tiny_engine_artifacts(tmp_path)
     spec = resolve_policy_spec({"factory": "engine", "suite": SUITE, "ckpt": "best", "log_dir": art["log_dir"],

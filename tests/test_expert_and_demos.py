@@ -94,7 +94,7 @@ def test_write_read_roundtrip_synthetic(tmp_path):
 
 
 def test_official_style_file_without_rsd_attributes(tmp_path):
-    """A file as LIBERO's create_dataset.py writes it (no rsd_* attrs, no init_state_index) reads fine."""
+    """A file as LIBERO's own dataset script writes it (no rsd_* attrs, no init_state_index) reads fine."""
     task = _synthetic_task(tmp_path)
     path = write_demo_file(tmp_path / "x_demo.hdf5", task, [_synthetic_episode(5, 1)])
     with h5py.File(path, "r+") as f:
@@ -166,7 +166,7 @@ def sim_task0():
 
 @pytest.fixture(scope="module")
 def expert_rollout(sim_task0):
-    from rsd.envs.expert import run_expert_episode
+    from rsd.data.record import run_expert_episode
 
     task, env, init_states = sim_task0
     return run_expert_episode(env, task, init_states[0], init_state_index=0)
@@ -250,7 +250,8 @@ def test_collect_suite_small(tmp_path, monkeypatch):
 @pytest.mark.sim
 def test_expert_libero_object_episode():
     """libero_object: the object goes into the basket (target: the simulator site basket_1_contain_region)."""
-    from rsd.envs.expert import ObjectInBasketExpert, make_expert, run_expert_episode
+    from rsd.data.record import run_expert_episode
+    from rsd.envs.expert import ObjectInBasketExpert, make_expert
     from rsd.envs.libero_env import get_init_states, get_task, make_env
 
     task = get_task("libero_object", 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -153,7 +152,7 @@ class TinyCacheDataModule(L.LightningDataModule):
 
 
 def test_lit_module_fit_metrics_and_export(tmp_path: Path):
-    lit = MainDecoderLitModule(decoder=TINY, lr=3e-3, warmup_steps=5)
+    lit = MainDecoderLitModule(net=TINY, lr=3e-3, warmup_steps=5)
     export = ExportMainDecoder(output_dir=str(tmp_path), copy_to=str(tmp_path / "models" / "main_head_{backbone}_{suite}.pt"))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/accuracy", mode="max")
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -179,7 +178,7 @@ def test_lit_module_fit_metrics_and_export(tmp_path: Path):
 
 
 def test_lit_module_rejects_wrong_hidden_dim():
-    lit = MainDecoderLitModule(decoder=TINY)
+    lit = MainDecoderLitModule(net=TINY)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="input_dim=64"):
@@ -206,8 +205,8 @@ def test_experiment_main_head_trains_with_train_py(tmp_path: Path):
 
     cfg = _compose(tmp_path, [
         "logger=csv", f"paths.output_dir={tmp_path}", "trainer=cpu", "trainer.max_epochs=2",
-        "model.decoder.input_dim=32", "model.decoder.d_model=64", "model.decoder.num_blocks=2",
-        "model.decoder.num_heads=4", "model.decoder.ff_dim=128", "model.warmup_steps=2",
+        "model.net.input_dim=32", "model.net.d_model=64", "model.net.num_blocks=2",
+        "model.net.num_heads=4", "model.net.ff_dim=128", "model.warmup_steps=2",
         "~callbacks.progress_bar",
     ])
     assert cfg.task_name == "main_head"
@@ -216,12 +215,10 @@ def test_experiment_main_head_trains_with_train_py(tmp_path: Path):
     assert cfg.callbacks.model_checkpoint.monitor == "val/accuracy"
     assert cfg.data._target_.endswith("FeatureCacheDataModule")
     full = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "main_head.yaml")
-    assert full.decoder.d_model == 512 and full.decoder.num_blocks == 6
+    assert full.net.d_model == 512 and full.net.num_blocks == 6
     with open_dict(cfg):  # the real cache needs LIBERO demos; train on a tiny stand-in with the same batches
         cfg.data = OmegaConf.create({"_target_": f"{__name__}.TinyCacheDataModule", "hidden_dim": 32})
-    spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    import rsd.train as entry
     metrics = entry.train(cfg)
     assert "val/accuracy" in metrics and "val/acc_L7" in metrics
     assert load_main_decoder(tmp_path / "main_decoder.pt").config["d_model"] == 64

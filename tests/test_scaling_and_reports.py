@@ -8,7 +8,6 @@ The simulator tests run a tiny evaluation (1 task, 3 trials, both modes, 8 steps
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,12 +22,12 @@ from rsd import PROJECT_ROOT
 from rsd.eval import compare
 from rsd.eval.merge import MergeError, merge_shards, stable_view
 from rsd.eval.merge import main as merge_cli
-from rsd.eval.policy import NoopPolicy
 from rsd.eval.report import build_report
 from rsd.eval.report import main as report_cli
 from rsd.eval.runner import EPISODES_FILE, RUN_FILE, EpisodeLog, Job, load_records, record_key
 from rsd.eval.shard import parse_shard, select_shard, shard_dirname
 from rsd.eval.summary import summarize, write_summary
+from rsd.policies.harness import NoopPolicy
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
@@ -110,34 +109,52 @@ def test_report_markdown_has_the_guide_numbers(fixture_logs, tmp_path):
                        "--out", str(tmp_path / "report")])
     assert code == 0
     md = (tmp_path / "report/report.md").read_text()
-    # strict, same folder (mode=both): paired baseline
+    # strict, same folder (mode=both): its own baseline, paired by task and init state
     assert "## strict vs baseline\n" in md
-    assert "Episodes: 4 speculative, 4 baseline (same init states), acceptance: strict." in md
+    assert "Episodes: 4 speculative, 4 baseline (same folder), acceptance: strict." in md
+    # success rates with their 95 % Wilson interval (3/4: 30.1-95.4 %, 2/4: 15.0-85.0 %); the difference
+    # with the exact McNemar verdict: 1 discordant pair of 4 -> p = 1
     for line in ("| Metric | Baseline | Speculative (RSD) | Improvement |",
-                 "| Success Rate | 50.0% | 75.0% | +25.0 pts |",
+                 "| Success Rate | 50.0% [15.0, 85.0] | 75.0% [30.1, 95.4] | +25.0 pts, no significant difference "
+                 "(exact McNemar p = 1.000) |",
                  "| Inference Time | 50.0 ms | 25.0 ms | 2.00x faster (-50.0%) |",
                  "| Draft Acceptance | n/a | 50.0% | - |",
                  "| Peak Memory (RSS) | 1,000 MB | 1,100 MB | +10.0% |"):
         assert line in md, line
-    # relaxed runs are compared with the strict folder's baseline; GPU memory only on the speculative side
+    strict = md.split("## strict vs baseline\n")[1].split("## ")[0]
+    assert "| Paired episodes | Both succeed | Only speculative | Only baseline | Neither | McNemar p (exact) | " \
+           "Verdict |" in strict
+    assert "| 4 | 2 | 1 | 0 | 1 | 1.000 | no significant difference |" in strict
+    # relaxed runs are compared with the strict folder's baseline (same init states, so still paired);
+    # GPU memory only on the speculative side
     assert "## relaxed_d1 vs baseline of strict" in md
     assert "| Inference Time | 50.0 ms | 23.0 ms | 2.17x faster (-54.0%) |" in md
     assert "| Draft Acceptance | n/a | 66.7% | - |" in md
     assert "| Peak Memory (GPU) | n/a | 2,000 MB | n/a |" in md
     assert "| Draft Acceptance | n/a | 83.3% | - |" in md  # relaxed_d2
-    assert "| strict | baseline | 4 | 50.0% | 50.0 ms | n/a | n/a | 40.0 ms | 1,000 MB | n/a |" in md
-    # the acceptance sweep: strict first, then relaxed by delta, each against the baseline
+    d2 = md.split("## relaxed_d2 vs baseline of strict")[1].split("## ")[0]
+    assert "| 4 | 0 | 2 | 2 | 0 | 1.000 | no significant difference |" in d2  # succeeds where the baseline fails
+    assert "| strict | baseline | baseline | 4 | 50.0% [15.0, 85.0] | 50.0 ms | n/a | n/a | 40.0 ms | 1,000 MB | n/a |" \
+        in md
+    # the acceptance sweep: strict first, then relaxed by delta, each paired with the baseline
     sweep = md.split("## Acceptance sweep")[1].split("## All runs")[0]
     rows = [line for line in sweep.splitlines() if line.startswith("| ") and "Acceptance rule" not in line]
-    assert rows == ["| strict | strict | 4 | 50.0% | 1.50 | 75.0% | 25.0 ms | 2.00x faster (-50.0%) |",
-                    "| relaxed delta=1 | relaxed_d1 | 4 | 66.7% | 2.00 | 75.0% | 23.0 ms | 2.17x faster (-54.0%) |",
-                    "| relaxed delta=2 | relaxed_d2 | 4 | 83.3% | 2.50 | 50.0% | 20.0 ms | 2.50x faster (-60.0%) |"]
+    assert rows == [
+        "| strict | strict | 4 | 50.0% | 1.50 | 75.0% [30.1, 95.4] | 2 / 1 / 0 / 1 | 1.000 (no significant difference)"
+        " | 25.0 ms | 2.00x faster (-50.0%) |",
+        "| relaxed delta=1 | relaxed_d1 | 4 | 66.7% | 2.00 | 75.0% [30.1, 95.4] | 2 / 1 / 0 / 1 | 1.000 (no significant "
+        "difference) | 23.0 ms | 2.17x faster (-54.0%) |",
+        "| relaxed delta=2 | relaxed_d2 | 4 | 83.3% | 2.50 | 50.0% [15.0, 85.0] | 0 / 2 / 2 / 0 | 1.000 (no significant "
+        "difference) | 20.0 ms | 2.50x faster (-60.0%) |"]
     for name in ("report.png", "sweep.png"):
         png = tmp_path / "report" / name
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "report/report.json").read_text())
     assert [c["label"] for c in data["comparisons"]] == ["strict", "relaxed_d1", "relaxed_d2"]
     assert data["comparisons"][0]["speculative"]["acceptance_rate"] == pytest.approx(0.5)
+    paired = data["comparisons"][0]["paired"]
+    assert (paired["pairs"], paired["only_a"], paired["only_b"], paired["mcnemar_p"]) == (4, 1, 0, 1.0)
+    assert data["runs"][0]["success_ci_low"] == pytest.approx(0.3006, abs=1e-4)  # Wilson 3/4
     # a folder above evaluations is expanded; a folder without any is refused
     assert len(json.loads(build_report([runs], tmp_path / "r2")["json"].read_text())["runs"]) == 4
     assert report_cli([str(tmp_path / "nothing"), "--out", str(tmp_path / "r3")]) == 2
@@ -188,6 +205,62 @@ def test_compare_tables_training_metrics_and_wandb_rows(fixture_logs, monkeypatc
     assert list(ev.columns) == compare.EVAL_COLUMNS and tasks["success_rate"].tolist() == [0.8]
 
 
+def test_plots_draw_intervals_as_error_bars_and_name_runs_by_rule(fixture_logs):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from rsd.eval.report import comparisons, plot
+    from rsd.eval.stats import wilson_interval
+
+    runs = compare.load_local(fixture_logs)
+    ev = runs.evals
+    strict = ev[(ev["label"] == "eval/runs/strict") & (ev["mode"] == "speculative")].iloc[0]
+    assert (strict["success_ci_low"], strict["success_ci_high"]) == pytest.approx(wilson_interval(3, 4))
+    assert {"success_ci_low", "success_ci_high"} <= set(runs.tasks.columns)
+    assert runs.tasks["success_ci_high"].notna().all()
+    # short names: the acceptance rule, "baseline"; clashing names get the run's folder name, then a counter
+    assert compare.short_labels(ev) == ["relaxed delta=1", "relaxed delta=2", "strict", "baseline"]
+    clash = [{"mode": "baseline", "label": "a/x"}, {"mode": "baseline", "label": "b/y"},
+             {"mode": "speculative", "threshold_label": "strict", "label": "s"},
+             {"mode": "speculative", "threshold_label": "strict", "label": "s"}]
+    assert compare.short_labels(clash) == ["baseline (x)", "baseline (y)", "strict #1", "strict #2"]
+
+    fig = compare.plot_acceptance_vs_success(ev)
+    ax1, ax2 = fig.axes
+    ticks = [t.get_text() for t in ax1.get_xticklabels()]
+    assert ticks == ["strict", "relaxed delta=1", "relaxed delta=2"]  # sorted by rule, no paths
+    assert not ax2.texts and not ax1.texts  # no annotations printed over the points
+    assert sorted(t.get_text() for t in ax2.get_legend().get_texts()) == sorted(ticks)
+    bars = [c for c in ax1.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and bars[0].has_yerr
+    # the error bar of "strict" spans its Wilson interval
+    segs = bars[0].lines[2][0].get_segments()
+    assert [float(segs[0][0][1]), float(segs[0][1][1])] == pytest.approx(list(wilson_interval(3, 4)))
+    assert sum(isinstance(c, ErrorbarContainer) for c in ax2.containers) == 3
+    plt.close(fig)
+
+    rows = ev.to_dict("records")
+    fig = plot(comparisons(rows, compare.records_by_run(runs.folders)), rows, "t")
+    success_ax = next(a for a in fig.axes if a.get_title().startswith("success rate"))
+    assert [t.get_text() for t in success_ax.get_xticklabels()] == compare.short_labels(ev)
+    assert any(isinstance(c, ErrorbarContainer) for c in success_ax.containers)
+    plt.close(fig)
+    fig = compare.plot_success_per_task(runs.tasks)
+    assert any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+    plt.close(fig)
+
+    class FakeRun:  # W&B rows: the interval is recomputed from the logged counts
+        name, id, url = "eval-run", "abc", "https://example.invalid/run"
+        config = {"suite": SUITE, "policy": {"acceptance": "strict"}}
+        summary = {"speculative/success_rate": 0.8, "speculative/successes": 8, "speculative/episodes": 10,
+                   "speculative/task_00/success_rate": 0.8, "speculative/task_00/successes": 8,
+                   "speculative/task_00/episodes": 10, "speculative/task_00/success_ci_low": 0.49}
+
+    wev, wtasks = compare.wandb_eval_rows([FakeRun()])
+    assert (wev["success_ci_low"].iloc[0], wev["success_ci_high"].iloc[0]) == pytest.approx(wilson_interval(8, 10))
+    assert wtasks[["successes", "episodes", "success_ci_low"]].iloc[0].tolist() == [8, 10, 0.49]
+
+
 def test_notebook_executes_on_local_folders(fixture_logs, tmp_path):
     pytest.importorskip("nbclient", reason="pip install nbclient nbformat ipykernel (see requirements.txt)")
     figs = tmp_path / "figs"
@@ -199,6 +272,8 @@ def test_notebook_executes_on_local_folders(fixture_logs, tmp_path):
     text = json.dumps([c.get("outputs", []) for c in nb.cells])
     assert "source: local" in text and "3 training runs" not in text and "2 training runs" in text
     assert "+25.0 pts" in text  # the guide table of the strict evaluation
+    assert "75.0% [30.1, 95.4]" in text  # success with its interval
+    assert "| 4 | 2 | 1 | 0 | 1 | 1.000 | no significant difference |" in text  # the paired table
     assert "image/png" in text
 
 
@@ -327,7 +402,7 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
     cache = make_tiny_cache(tmp_path / "cache")  # 6 train / 2 val episodes of 24 frames
     common = ["experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
               f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
-              "model.hidden_dim=64", "model.feedforward_dim=128", "model.num_heads=4", "model.dropout=0.0",
+              "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", "model.net.dropout=0.0",
               "model.lr=0",  # weights stay at their (seeded) init: the logged metrics are checkable here
               "logger=csv", "~callbacks.progress_bar", "~callbacks.lr_monitor"]
     run = tmp_path / "run"
@@ -402,9 +477,8 @@ EVAL_ARGS = [f"suite={SUITE}", "tasks=[0]", "trials=3", "mode=both", "workers=0"
 def _evaluate_in_process(out_dir: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    spec = importlib.util.spec_from_file_location("rsd_evaluate_entry", PROJECT_ROOT / "evaluate.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    import rsd.evaluate as entry
+
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[*EVAL_ARGS, f"out_dir={out_dir}"])
     return entry.evaluate(cfg)
@@ -436,6 +510,27 @@ def test_same_seed_and_inputs_give_the_same_evaluation_json(sim_runs):
     ra, rb = load_records(root / "a"), load_records(root / "b")
     assert [stable_view(r) for r in ra] == [stable_view(r) for r in rb]
     assert all(r["peak_rss_mb"] > 0 and r["action_digest"] for r in ra)
+
+
+@pytest.mark.sim
+def test_mode_both_prints_the_paired_table_and_mcnemar_p(sim_runs):
+    from rsd.eval.stats import paired_table
+
+    root = sim_runs["root"]
+    summary = json.loads((root / "a/summary.json").read_text())
+    recs = load_records(root / "a")
+    table = paired_table([r for r in recs if r["mode"] == "speculative"], [r for r in recs if r["mode"] == "baseline"])
+    c = summary["comparison"]
+    assert table["pairs"] == c["paired_episodes"] == 3 and table["unpaired_a"] == table["unpaired_b"] == 0
+    assert (c["both_success"], c["only_speculative"], c["only_baseline"], c["neither"]) == \
+        (table["both"], table["only_a"], table["only_b"], table["neither"])
+    assert c["mcnemar_p"] == 1.0 and c["significant"] is False  # no-op actions: no discordant pair
+    text = (root / "a/summary.txt").read_text()
+    assert "SPECULATIVE vs BASELINE (paired: same task and init state)" in text
+    assert "both succeed | only speculative | only baseline | neither" in text
+    assert "no significant difference (exact McNemar p = 1.000)" in text
+    assert "(95% Wilson interval 0.0-56.1%)" in text  # 0 of 3
+    assert "McNemar p (exact)" in (root / "a/tasks.md").read_text()
 
 
 @pytest.mark.sim

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from rsd import PROJECT_ROOT
 from rsd.data.action_chunks import ActionChunkDataModule, DemosNotFoundError
 from rsd.data.chunks import action_chunks
 from rsd.tokenizer import ActionNormalizer, ResidualFSQ, RFSQTokenizer, TokenizerCheckpointError
@@ -78,7 +76,7 @@ def test_residual_fsq_codes_bounds_and_exact_dequantize():
         assert torch.equal(z_n, q.dequantize(codes, n))
         bound = 7.0 ** -(n - 1) / 6 + 1e-6
         assert (z_n - z).abs().max().item() <= bound
-    # every fine layer is used (upstream's were always the centre level)
+    # every fine layer is used (a per-token normalized quantizer would leave them at the centre level)
     for k in range(1, 8):
         assert torch.bincount(codes[..., k].flatten(), minlength=7).min() > 0
     # straight-through gradient
@@ -265,7 +263,7 @@ def test_experiment_rfsq_composes_and_fast_dev_run_exports_tokenizer(tmp_path: P
             f"paths.tokenizer_dir={tmp_path / 'tok'}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.log_dir={tmp_path / 'logs'}", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
             "callbacks.progress_bar=null", "data.batch_size=64", "data.val_fraction=0.3",
-            "model.tokenizer.hidden_dim=32",
+            "model.net.hidden_dim=32",
         ]
         full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
         assert full.hydra.runtime.choices["experiment"] == "rfsq"
@@ -277,9 +275,7 @@ def test_experiment_rfsq_composes_and_fast_dev_run_exports_tokenizer(tmp_path: P
         assert cfg.model._target_.endswith("RFSQLitModule")
         assert cfg.data._target_.endswith("ActionChunkDataModule")
         assert "export_tokenizer" in cfg.callbacks
-        spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
-        entry = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(entry)
+        import rsd.train as entry
         metrics = entry.train(cfg)
     GlobalHydra.instance().clear()
     assert "val/mse_L8" in metrics and "val/mse_L1" in metrics

@@ -237,7 +237,7 @@ def test_configs_match_constructors() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=draft_proj", "backbone=openvla",
                                                       "paths.output_dir=/tmp/rsd-compose"])
-    assert cfg.model.input_dim == 4096 and cfg.data.cache_dir.endswith("openvla_libero_spatial")
+    assert cfg.model.net.input_dim == 4096 and cfg.data.cache_dir.endswith("openvla_libero_spatial")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -304,14 +304,11 @@ def test_hf_vlm_bad_inputs(models, tmp_path, monkeypatch) -> None:
 def _train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from rsd import PROJECT_ROOT
     from rsd.utils.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    import rsd.train as module
     return cfg, module.train(cfg)
 
 
@@ -324,11 +321,11 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
 
     from rsd.data.cache import backbone_from_manifest, build_cache, open_cache
     from rsd.data.libero_hdf5 import Episode, demo_path, write_demo_file
+    from rsd.data.record import run_expert_episode
     from rsd.data.splits import is_validation_episode
-    from rsd.envs.expert import run_expert_episode
     from rsd.envs.libero_env import get_init_states, get_task, make_env
-    from rsd.eval.policy import resolve_policy_spec
     from rsd.eval.runner import run_evaluation
+    from rsd.policies import resolve_policy_spec
     from rsd.tokenizer.rfsq import RFSQTokenizer
 
     task = get_task(SUITE, 0)
@@ -375,13 +372,13 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
               "data.batch_size=4", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=csv",
               "callbacks.progress_bar=null", f"paths.log_dir={logs}"]
     _, metrics = _train(["experiment=draft_proj", *common, f"paths.output_dir={logs}/draft_proj/runs/r1",
-                         "model.hidden_dim=32", "model.feedforward_dim=64", "model.num_heads=2"])
+                         "model.net.hidden_dim=32", "model.net.feedforward_dim=64", "model.net.num_heads=2"])
     assert "val/accuracy" in metrics
     draft_file = logs / "draft_proj/runs/r1/best_draft_with_projection.pt"
     assert draft_file.is_file()
     _train(["experiment=main_head", *common, f"paths.output_dir={logs}/main_head/runs/r1",
-            "model.decoder.d_model=32", "model.decoder.num_blocks=1", "model.decoder.num_heads=2",
-            "model.decoder.ff_dim=64", "model.warmup_steps=1"])
+            "model.net.d_model=32", "model.net.num_blocks=1", "model.net.num_heads=2",
+            "model.net.ff_dim=64", "model.warmup_steps=1"])
     assert (logs / "main_head/runs/r1/main_decoder.pt").is_file()
 
     # a short evaluation with images: the backbone comes from the draft's cache identity

@@ -119,9 +119,8 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
 class ActionChunkDataModule(L.LightningDataModule):
     """Raw action chunks ``[B, 8, 7]`` of a suite's demos; ``train_actions`` fits the normalizer.
 
-    ``prepare_data`` collects missing demos with the scripted expert (``rsd.data.collect``) when
-    ``collect_missing``; otherwise, or when that is impossible, it raises ``DemosNotFoundError``
-    saying what to run.
+    ``prepare_data`` raises ``DemosNotFoundError`` saying what to run when there are no demos;
+    ``rsd.train.build_inputs`` collects them before fitting when ``collect_missing``.
     """
 
     def __init__(self, suite: str = "libero_spatial", demos_dir: str = "data/demos", chunk_len: int = CHUNK_LEN,
@@ -147,29 +146,12 @@ class ActionChunkDataModule(L.LightningDataModule):
         self._normalizer: ActionNormalizer | None = None
 
     def prepare_data(self) -> None:
-        if demo_files(self.demos_dir, self.suite):
-            return
-        collect_suite = None
-        if self.collect_missing:
-            try:
-                from rsd.data.collect import collect_suite
-            except ImportError:
-                pass
-        if collect_suite is None:
-            raise DemosNotFoundError(
-                f"No demonstrations in {self.demos_dir / self.suite} (expected *_demo.hdf5). Collect them "
-                f"first: `python -m rsd.data.collect suite={self.suite}`.")
-        log.info("No demos in %s: collecting %d per task", self.demos_dir / self.suite, self.demos_per_task)
-        try:
-            collect_suite(self.suite, self.demos_per_task, out_dir=str(self.demos_dir))
-        except ValueError as err:  # e.g. a suite the scripted expert does not support
-            raise DemosNotFoundError(
-                f"No demonstrations in {self.demos_dir / self.suite} and they cannot be collected here "
-                f"({err}). Put the suite's *_demo.hdf5 files (LIBERO schema) in that folder.") from err
+        """Check that demos exist (``rsd.train.build_inputs`` collects missing ones before fitting)."""
         if not demo_files(self.demos_dir, self.suite):
             raise DemosNotFoundError(
-                f"Collection finished but {self.demos_dir / self.suite} still has no *_demo.hdf5; run "
-                f"`python -m rsd.data.collect suite={self.suite}` and check its output.")
+                f"No demonstrations in {self.demos_dir / self.suite} (expected *_demo.hdf5). Collect them "
+                f"first: `python -m rsd.data.collect suite={self.suite}` (`python train.py experiment=rfsq` "
+                "does it when data.collect_missing=true).")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_chunks is not None:

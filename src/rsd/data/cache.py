@@ -10,6 +10,7 @@ Layout of ``data/cache/{backbone}_{suite}/`` (one row per demo frame, episodes c
     task.npy      int16 [N]                  LIBERO task id
     frame.npy     int32 [N]                  step within the episode
     split.npy     uint8 [N]                  0 train / 1 val, by episode (rsd.data.splits.is_validation_episode)
+    start_states.npy float64 [E, S]          the scene each episode started from (rsd.data.heldout)
     manifest.json                            identity (backbone, tokenizer, suite), feature definition and
                                              transform parameters, tasks, episodes, normalization stats
 
@@ -19,8 +20,9 @@ temporary folder and renamed when complete, so an interrupted build never looks 
 holds one backbone and one tokenizer: building into a folder whose manifest differs raises
 ``CacheMismatchError``.
 
-CLI: ``python -m rsd.data.cache backbone=sim_state suite=libero_spatial`` (``conf/cache.yaml``); it builds
-missing demos and the tokenizer first (``ensure_default_cache``) unless ``build_missing=false``.
+CLI: ``python -m rsd.data.cache backbone=sim_state suite=libero_spatial`` (``conf/cache.yaml``) builds the
+cache from existing demos and tokenizer; ``python train.py experiment=draft_proj`` builds all three when
+missing (``rsd.train.build_inputs``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 
 from rsd import PROJECT_ROOT
 from rsd.data.heldout import START_STATES_FILE, write_start_states
+from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +251,6 @@ def open_cache(cache_dir: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _progress(iterable, total: int | None = None, desc: str = "", enable: bool = True):
-    if not enable:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
-
-
 def _episode_origin(ep) -> dict[str, Any]:
     """Where a demo started: ``init_source`` (generated | official | unknown), ``init_state_index``,
     ``scene_seed`` and ``scene`` (the start scene, see :mod:`rsd.data.heldout`)."""
@@ -352,7 +347,8 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
         demos = _read_demos(path)[:max_demos_per_task] if max_demos_per_task else _read_demos(path)
         total_frames += sum(len(d[2]) for d in demos)
         tasks.append((path, task_id, demos))
-    bar = _progress(range(total_frames), total=total_frames, desc=f"cache {suite}: observations", enable=progress)
+    bar = progress_bar(range(total_frames), total=total_frames, desc=f"cache {suite}: observations",
+                       enabled=progress)
     bar_update = getattr(bar, "update", lambda n: None)
     task_records = []
     start_scenes: list[np.ndarray] = []
@@ -447,7 +443,7 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
                                            shape=(n, bb.hidden_dim))
         tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint8, shape=(n, 8, 128))
         steps = range(0, n, batch_size)
-        for i in _progress(steps, total=len(steps), desc=f"cache {suite}: hidden + tokens", enable=progress):
+        for i in progress_bar(steps, total=len(steps), desc=f"cache {suite}: hidden + tokens", enabled=progress):
             j = min(i + batch_size, n)
             if fits:
                 hidden[i:j] = bb.transform(feats_all[i:j]).numpy().astype(hidden_dtype)
@@ -502,37 +498,6 @@ def _resolve(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def train_tokenizer(suite: str, tokenizer_path: str | os.PathLike, demos_dir: str | os.PathLike,
-                    log_dir: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Path:
-    """Train the RFSQ tokenizer (``python train.py experiment=rfsq``) into ``tokenizer_path``."""
-    import importlib.util
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from rsd.utils.config import CONFIG_DIR
-
-    log_dir = Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
-    out = log_dir / "rfsq" / "runs" / _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    args = ["experiment=rfsq", f"data.suite={suite}", f"data.demos_dir={demos_dir}",
-            f"callbacks.export_tokenizer.out_path={tokenizer_path}", f"paths.output_dir={out}",
-            "logger=csv", *(overrides or [])]
-    spec = importlib.util.spec_from_file_location("rsd_train_entry", PROJECT_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    log.info("training the RFSQ tokenizer: train.py %s", " ".join(args))
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose(config_name="train", overrides=args)
-        module.train(cfg)
-    else:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=args)
-        module.train(cfg)
-    if not Path(tokenizer_path).is_file():
-        raise CacheError(f"tokenizer training finished but {tokenizer_path} was not written; see {out}")
-    return Path(tokenizer_path)
-
-
 def requested_backbone_id(backbone_cfg: Mapping[str, Any]) -> str | None:
     """The ``backbone_id`` a backbone config would produce, without building the backbone (None: unknown)."""
     from rsd.models.backbones import BACKBONES
@@ -540,49 +505,6 @@ def requested_backbone_id(backbone_cfg: Mapping[str, Any]) -> str | None:
     cfg = dict(backbone_cfg)
     cls = BACKBONES.get(cfg.pop("name", ""))
     return None if cls is None else cls.id_from_config(cfg)
-
-
-def ensure_default_cache(cfg: Mapping[str, Any]) -> Path:
-    """Make sure the cache described by ``cfg`` exists, building whatever is missing, in order:
-    demos (``rsd.data.collect.collect_suite``) -> RFSQ tokenizer (``experiment=rfsq``) -> feature cache.
-
-    ``cfg`` keys: ``suite``, ``cache_dir``, ``tokenizer_path``, ``demos_dir``, ``backbone`` (config with
-    ``name``), optional ``demos_per_task`` (50), ``log_dir``, ``hidden_dtype``, ``max_demos_per_task``,
-    ``tokenizer_overrides`` (extra ``train.py`` overrides for the tokenizer run). This is what lets
-    ``python train.py experiment=draft_proj`` start on a fresh machine.
-    """
-    cfg = _plain(cfg)
-    suite = cfg["suite"]
-    cache_dir = _resolve(cfg["cache_dir"])
-    tokenizer_path = _resolve(cfg["tokenizer_path"])
-    demos_dir = _resolve(cfg["demos_dir"])
-    if cache_complete(cache_dir):
-        manifest = read_manifest(cache_dir)
-        want_bb = cfg.get("backbone") or {}
-        if want_bb.get("name") and want_bb["name"] != manifest["backbone"]["name"]:
-            raise CacheMismatchError(f"feature cache {cache_dir} holds backbone {manifest['backbone']['name']}, "
-                                     f"requested {want_bb['name']}: use another cache_dir")
-        check_identity(manifest, cache_dir, suite=suite, hidden_dim=want_bb.get("hidden_dim"),
-                       backbone_id=requested_backbone_id(want_bb) if want_bb.get("name") else None)
-        return cache_dir
-    from rsd.data.action_chunks import demo_files
-
-    if not demo_files(demos_dir, suite):
-        from rsd.data.collect import collect_suite
-
-        n = int(cfg.get("demos_per_task") or 50)
-        log.info("[1/3] no demos in %s: collecting %d per task with the scripted expert", demos_dir / suite, n)
-        collect_suite(suite, n, out_dir=str(demos_dir))
-        if not demo_files(demos_dir, suite):
-            raise CacheError(f"demo collection finished but {demos_dir / suite} has no *_demo.hdf5")
-    if not tokenizer_path.is_file():
-        log.info("[2/3] no tokenizer at %s: training it (experiment=rfsq)", tokenizer_path)
-        train_tokenizer(suite, tokenizer_path, demos_dir, cfg.get("log_dir"), cfg.get("tokenizer_overrides"))
-    log.info("[3/3] building the feature cache %s", cache_dir)
-    return build_cache(suite, cache_dir, tokenizer_path, demos_dir, cfg.get("backbone") or {"name": "sim_state"},
-                       hidden_dtype=cfg.get("hidden_dtype", "float16"),
-                       max_demos_per_task=cfg.get("max_demos_per_task"),
-                       progress=cfg.get("progress", True))
 
 
 def main() -> None:
@@ -593,13 +515,14 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cache")
     def _run(cfg) -> None:
         c = _plain(cfg)
-        if c.get("overwrite") or not c.get("build_missing", True):
-            build_cache(c["suite"], _resolve(c["cache_dir"]), _resolve(c["tokenizer_path"]),
-                        _resolve(c["demos_dir"]), c["backbone"], overwrite=bool(c.get("overwrite")),
-                        hidden_dtype=c.get("hidden_dtype", "float16"),
-                        max_demos_per_task=c.get("max_demos_per_task"), progress=c.get("progress", True))
-        else:
-            ensure_default_cache(c)
+        tokenizer_path = _resolve(c["tokenizer_path"])
+        if not tokenizer_path.is_file():
+            raise CacheError(f"no RFSQ tokenizer at {tokenizer_path}: train it first with `python train.py "
+                             f"experiment=rfsq data.suite={c['suite']}` (or run `python train.py "
+                             "experiment=draft_proj`, which builds demos, tokenizer and cache in order)")
+        build_cache(c["suite"], _resolve(c["cache_dir"]), tokenizer_path, _resolve(c["demos_dir"]), c["backbone"],
+                    overwrite=bool(c.get("overwrite")), hidden_dtype=c.get("hidden_dtype", "float16"),
+                    max_demos_per_task=c.get("max_demos_per_task"), progress=c.get("progress", True))
         manifest = read_manifest(_resolve(c["cache_dir"]))
         print(json.dumps({k: manifest.get(k) for k in (
             "suite", "num_frames", "num_episodes", "num_train_episodes", "num_val_episodes",

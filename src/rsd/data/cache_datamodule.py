@@ -12,8 +12,8 @@ fancy-index per array (``Dataset.__getitems__``), not one Python call per sample
 - ``actions`` float32 ``[B, 8, 7]``
 - ``index``   long ``[B]`` frame index into the cache
 
-``prepare_data()`` builds a missing cache (demos -> tokenizer -> cache, ``rsd.data.cache.ensure_default_cache``)
-when ``build_if_missing``; ``setup()`` checks the manifest against the tokenizer it is told about and the
+``prepare_data()`` checks that the cache exists (``rsd.train.build_inputs`` builds a missing one, with its
+demos and tokenizer, before fitting when ``build_if_missing``; the ``build`` block says how); ``setup()`` checks the manifest against the tokenizer it is told about and the
 expected backbone / hidden size, and fails with a clear message on a mismatched or corrupt cache.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from rsd.data.cache import (
     _resolve,
     cache_complete,
     check_identity,
-    ensure_default_cache,
     open_cache,
     requested_backbone_id,
 )
@@ -138,18 +136,12 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ building / checking
     def prepare_data(self) -> None:
+        """Check that the cache exists (``rsd.train.build_inputs`` builds it before fitting)."""
         if cache_complete(self.cache_dir):
             return
-        if not self.build_if_missing:
-            raise CacheError(f"no feature cache at {self.cache_dir}. Build it with `python -m rsd.data.cache "
-                             "backbone=sim_state suite=libero_spatial` or set data.build_if_missing=true.")
-        if not self.build_cfg:
-            raise CacheError(f"no feature cache at {self.cache_dir} and no build config (data.build) to make it")
-        cfg = dict(self.build_cfg)
-        cfg.setdefault("cache_dir", str(self.cache_dir))
-        if Path(_resolve(cfg["cache_dir"])) != self.cache_dir:
-            raise CacheError(f"data.build.cache_dir {cfg['cache_dir']} differs from data.cache_dir {self.cache_dir}")
-        ensure_default_cache(cfg)
+        raise CacheError(f"no feature cache at {self.cache_dir}. `python train.py experiment=draft_proj` builds it "
+                         "(with data.build_if_missing=true, the default), or build it with `python -m "
+                         "rsd.data.cache backbone=sim_state suite=libero_spatial`.")
 
     def _expected_tokenizer(self) -> str | None:
         if self.tokenizer_identity:
@@ -245,8 +237,3 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
-
-
-def cache_dir_for(backbone: str, suite: str, root: str | os.PathLike | None = None) -> Path:
-    """``data/cache/{backbone}_{suite}`` under the project (or ``root``)."""
-    return (Path(root) if root else _resolve("data/cache")) / f"{backbone}_{suite}"

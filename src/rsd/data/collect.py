@@ -43,6 +43,7 @@ from rsd.data.libero_hdf5 import (
     summarize_demo_file,
     write_demo_file,
 )
+from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def run_attempt(
     official init state. Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
     """
     from rsd.data.heldout import SAME_SCENE_TOL
-    from rsd.envs.expert import run_expert_episode
+    from rsd.data.record import run_expert_episode
 
     parts = Path(parts_dir)
     parts.mkdir(parents=True, exist_ok=True)
@@ -341,16 +342,6 @@ def _existing_stats(path: Path, demos_per_task: int, images: bool, init_source: 
     return out
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="expert episodes", dynamic_ncols=True, mininterval=1.0)
-
-
 def collect_suite(
     suite: str = "libero_spatial",
     demos_per_task: int = 50,
@@ -423,7 +414,8 @@ def collect_suite(
         stats["skipped"] = False
         stats_by_task[run.task_id] = stats
 
-    bar = _progress(sum(min(r.limit, demos_per_task) for r in runs.values()), progress)
+    bar = progress_bar(total=sum(min(r.limit, demos_per_task) for r in runs.values()), desc="expert episodes",
+                       enabled=progress)
     for r in runs.values():  # attempts recorded by an interrupted run
         if bar is not None and r.records:
             bar.update(len(r.records))

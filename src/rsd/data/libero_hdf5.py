@@ -1,6 +1,6 @@
 """Writer, reader and validator for demonstrations in the official LIBERO HDF5 schema.
 
-Layout (as written by LIBERO's ``scripts/create_dataset.py``; official files have the same keys)::
+Layout (the keys of LIBERO's official dataset files)::
 
     data/                       attrs: env_name, problem_info (JSON: problem_name, domain_name,
                                        language_instruction), macros_image_convention, bddl_file_name,
@@ -441,14 +441,6 @@ def _file_language(path: Path, data, problem_info: dict) -> str:
     if path.name.endswith("_demo.hdf5"):
         return _task_name_from_path(path).replace("_", " ")
     return _language_from_problem_info(problem_info)
-
-
-def count_demos(path: str | os.PathLike) -> int:
-    """Number of demos in a valid file, 0 when the file is missing or invalid (cheap; for resuming)."""
-    try:
-        return int(summarize_demo_file(path)["num_demos"])
-    except DemoSchemaError:
-        return 0
 
 
 def read_demo_file(

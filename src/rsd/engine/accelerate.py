@@ -8,8 +8,9 @@ engine can run them through one of these modes (``RSDInferenceEngine(..., accele
 - ``compile``: ``torch.compile(dynamic=False)`` of the draft's proposal (forward + argmax) and of the main
   decoder's ``score`` and ``extend`` (the per-step compute, KV-cache writes included). Shapes are fixed
   per call site, so there is one graph per (batch size, depth position, length): about 9 per batch size
-  (score of layer 0 / of the verified layers, extend at positions 1..7); dynamo's recompile limit is
-  raised to 64 for that. On CUDA ``mode="reduce-overhead"`` (inductor's CUDA graphs): the main decoder's
+  (score of layer 0 / of the verified layers, extend at positions 1..7), one more per verification length
+  when the engine's ``depth`` or ``draft_layers`` shortens the verified prefix; dynamo's recompile limit
+  is raised to 64 for that. On CUDA ``mode="reduce-overhead"`` (inductor's CUDA graphs): the main decoder's
   KV cache is then one persistent buffer per batch size (``new_cache`` resets it; marked static so the
   graphs may write into it), and outputs are cloned out of the graphs' memory. On CPU ``mode="default"``
   (inductor's C++ code: needs a C++ compiler). The first call of every shape compiles (seconds each).

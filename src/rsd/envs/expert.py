@@ -7,7 +7,7 @@ task (all goals are ``(On akita_black_bowl_1 plate_1)``; :class:`BowlPlaceExpert
 libero_object task (``(In <object> basket_1_contain_region)``; :class:`ObjectInBasketExpert`).
 :func:`make_expert` picks the right one from the task's BDDL goal.
 
-What makes it work (see ``shared/notes/environment.md``, "Scripted expert feasibility"):
+What makes it work (measured while building it):
 
 * Wait until the objects have settled after ``set_init_state`` (init states drop objects a few cm).
 * The bowl (11 cm) is wider than the Panda's opening (8 cm): grasp its rim, fingers closing across the
@@ -24,28 +24,20 @@ What makes it work (see ``shared/notes/environment.md``, "Scripted expert feasib
 The gripper action is always exactly -1 or +1 (what the evaluation protocol's binarization produces),
 so demonstrations never rely on a half-open gripper.
 
-Episode protocol (:func:`run_expert_episode`): ``env.reset()``, ``env.set_init_state(init_states[i])``,
-then ``NUM_WARMUP_STEPS`` no-op steps (the evaluation protocol's warm-up; **not recorded**), then the
-expert acts for at most ``MAX_STEPS[suite]`` recorded steps, stopping at the first step where the env
-reports ``done`` (success). Recorded arrays start at the state after the warm-up, so
-``episode.init_state == episode.states[0]`` (LIBERO's convention) and ``episode.init_state_index = i``.
-
-Replay: the same sequence (reset, ``set_init_state(init_states[i])``, 10 no-ops, the recorded actions)
-reproduces the recorded states and the success exactly (tested). ``set_init_state(states[0])`` restores
-the physical state but not the controllers' internal state (the gripper's command integrator, the OSC
-orientation goal), so an open-loop replay started there drifts, as LIBERO's own playback warns.
+Build the expert once the episode has started (``rsd.envs.libero_env.reset_to_init_state``: reset, init
+state, warm-up no-ops) and call :meth:`BowlPlaceExpert.act` every step. Recording its episodes as
+demonstrations is ``rsd.data.record``'s job.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from rsd.envs.libero_env import MAX_STEPS, NOOP_ACTION, NUM_WARMUP_STEPS, TaskSpec
+from rsd.envs.libero_env import TaskSpec
 
 SUPPORTED_SUITES = ("libero_spatial", "libero_object")
 
@@ -693,123 +685,3 @@ def make_expert(env, task: TaskSpec, config: ExpertConfig | None = None) -> Bowl
         if cls.supports(pred, obj, target):
             return cls(env, task, config)
     return BowlPlaceExpert(env, task, config)  # raises ExpertError with the explanation
-
-
-@dataclass
-class ExpertRollout:
-    """One expert episode as recorded (arrays have one row per recorded step)."""
-
-    init_state_index: int | None
-    init_state: np.ndarray  # state the recording starts from (after the warm-up) == states[0]
-    actions: np.ndarray  # [T, 7]
-    states: np.ndarray  # [T, state_dim]: flattened MuJoCo state before each action
-    robot_states: np.ndarray  # [T, 9]: gripper qpos (2), eef pos (3), eef quat (4)
-    rewards: np.ndarray  # [T]
-    dones: np.ndarray  # [T]
-    obs: dict[str, np.ndarray]  # ee_pos, ee_ori, ee_states, gripper_states, joint_states (+ images)
-    success: bool
-    num_steps: int
-    seconds: float
-    log: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    def to_episode(self):
-        """This rollout as a :class:`rsd.data.libero_hdf5.Episode` (for ``write_demo_file``)."""
-        from rsd.data.libero_hdf5 import Episode
-
-        return Episode(
-            actions=self.actions,
-            states=self.states,
-            obs=dict(self.obs),
-            robot_states=self.robot_states,
-            rewards=self.rewards,
-            dones=self.dones,
-            init_state=self.init_state,
-            init_state_index=self.init_state_index,
-        )
-
-
-def _obs_record(obs: dict, images: bool) -> dict[str, np.ndarray]:
-    import robosuite.utils.transform_utils as T
-
-    ee_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
-    ee_ori = np.asarray(T.quat2axisangle(obs["robot0_eef_quat"]), dtype=np.float64)
-    rec = {
-        "ee_pos": ee_pos,
-        "ee_ori": ee_ori,
-        "ee_states": np.concatenate([ee_pos, ee_ori]),
-        "gripper_states": np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64),
-        "joint_states": np.asarray(obs["robot0_joint_pos"], dtype=np.float64),
-    }
-    if images:
-        rec["agentview_rgb"] = np.asarray(obs["agentview_image"], dtype=np.uint8)
-        rec["eye_in_hand_rgb"] = np.asarray(obs["robot0_eye_in_hand_image"], dtype=np.uint8)
-    return rec
-
-
-def run_expert_episode(
-    env,
-    task: TaskSpec,
-    init_state: np.ndarray,
-    init_state_index: int | None = None,
-    max_steps: int | None = None,
-    images: bool = False,
-    config: ExpertConfig | None = None,
-    reset: bool = True,
-) -> ExpertRollout:
-    """Run the expert from one fixed init state and record the episode (see the module docstring).
-
-    ``env`` is a LIBERO env from :func:`rsd.envs.libero_env.make_env` (with cameras if ``images``).
-    Exceptions inside the episode are caught and returned in ``error`` (``success`` is then False).
-    """
-    t0 = time.perf_counter()
-    max_steps = MAX_STEPS[task.suite] if max_steps is None else max_steps
-    rec: dict[str, list] = {k: [] for k in ("actions", "states", "robot_states", "rewards", "dones")}
-    obs_rec: dict[str, list] = {}
-    success = False
-    error = None
-    expert = None
-    start_state = np.asarray(init_state, dtype=np.float64)
-    try:
-        if reset:
-            env.reset()
-        obs = env.set_init_state(init_state)
-        for _ in range(NUM_WARMUP_STEPS):
-            obs, _, _, _ = env.step(NOOP_ACTION)
-        start_state = env.sim.get_state().flatten().copy()
-        expert = make_expert(env, task, config)
-        for _ in range(max_steps):
-            state = env.sim.get_state().flatten().copy()
-            action = expert.act(obs)
-            for k, v in _obs_record(obs, images).items():
-                obs_rec.setdefault(k, []).append(v)
-            rec["states"].append(state)
-            rec["robot_states"].append(
-                np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]])
-            )
-            rec["actions"].append(action)
-            obs, reward, done, _ = env.step(action)
-            rec["rewards"].append(float(reward))
-            rec["dones"].append(bool(done))
-            if done:
-                success = True
-                break
-    except Exception as exc:  # recorded, not swallowed silently
-        error = f"{type(exc).__name__}: {exc}"
-    n = len(rec["actions"])
-    state_dim = start_state.shape[0]
-    return ExpertRollout(
-        init_state_index=init_state_index,
-        init_state=start_state,
-        actions=np.asarray(rec["actions"], dtype=np.float64).reshape(n, 7),
-        states=np.asarray(rec["states"], dtype=np.float64).reshape(n, state_dim),
-        robot_states=np.asarray(rec["robot_states"], dtype=np.float64).reshape(n, 9),
-        rewards=np.asarray(rec["rewards"], dtype=np.float64),
-        dones=np.asarray(rec["dones"], dtype=np.uint8),
-        obs={k: np.stack(v) for k, v in obs_rec.items()},
-        success=success,
-        num_steps=n,
-        seconds=time.perf_counter() - t0,
-        log=list(expert.log) if expert is not None else [],
-        error=error,
-    )

@@ -66,3 +66,23 @@ def make_env(task: TaskSpec, images: bool = False, resolution: int = 256):
     env = OffScreenRenderEnv(**kwargs)
     env.seed(0)
     return env
+
+
+def reset_to_init_state(env, init_state: np.ndarray | None, num_warmup_steps: int = NUM_WARMUP_STEPS,
+                        reset: bool = True, seed: int | None = None) -> dict:
+    """Start an episode the way the evaluation protocol does; returns the first observation.
+
+    ``env.seed(seed)`` (when given), ``env.reset()`` (unless ``reset=False``, e.g. right after a seeded reset
+    that drew the scene), ``env.set_init_state(init_state)`` (skipped when None: keep the reset's scene),
+    then ``num_warmup_steps`` no-ops ``[0, 0, 0, 0, 0, 0, -1]`` while the dropped objects settle (not part
+    of the episode). The evaluation rollout, the demo recorder and the replay check all start here, so
+    their episodes begin from the same state.
+    """
+    if seed is not None:
+        env.seed(seed)
+    obs = env.reset() if reset else None
+    if init_state is not None:
+        obs = env.set_init_state(np.asarray(init_state, dtype=np.float64))
+    for _ in range(num_warmup_steps):
+        obs, _, _, _ = env.step(NOOP_ACTION)
+    return obs

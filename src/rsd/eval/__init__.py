@@ -1,30 +1,25 @@
 """rsd.eval: LIBERO evaluation under the OpenVLA / OpenVLA-OFT protocol.
 
-- ``policy``: the :class:`ChunkPolicy` interface and the factories workers build policies with
-  (``engine``: backbone + draft + main + tokenizer through the speculative engine; ``expert``, ``noop``,
-  ``replay`` for checks of the harness).
+The policies it drives live in :mod:`rsd.policies` (interface, harness policies, engine policy, registry).
 - ``rollout``: one episode (init state, warm-up, open-loop chunks, binarized gripper, success = ``done``).
 - ``runner``: the work list, spawn worker processes, the resumable JSONL episode log, error capture.
 - ``summary``: aggregation, the original guide's summary, per-task tables, files and W&B.
+- ``stats``: Wilson intervals and paired (McNemar) comparisons; ``report`` / ``compare``: across runs.
 
 Entry point: ``python evaluate.py ckpt=best trials=50`` (``conf/eval.yaml``). Nothing here imports torch
 at module level, so worker processes start fast and set their thread counts first.
 """
 
-from rsd.eval.policy import ChunkPolicy, build_policy, resolve_policy_spec
 from rsd.eval.rollout import EpisodeResult, run_episode
 from rsd.eval.runner import EvalRun, load_records, run_evaluation
 from rsd.eval.summary import format_guide_summary, log_to_wandb, summarize, write_summary
 
 __all__ = [
-    "ChunkPolicy",
     "EpisodeResult",
     "EvalRun",
-    "build_policy",
     "format_guide_summary",
     "load_records",
     "log_to_wandb",
-    "resolve_policy_spec",
     "run_episode",
     "run_evaluation",
     "summarize",

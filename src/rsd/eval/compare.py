@@ -7,12 +7,15 @@ What ``notebooks/compare_runs.ipynb`` shows, importable and testable:
   CSVLogger) found under ``log_dir`` (``logs/<task>/runs/<time>/``). W&B: the project's runs through
   ``wandb.Api()``, only when ``WANDB_API_KEY`` is set and the W&B mode is not offline/disabled
   (:func:`wandb_online`); anything else, or an API failure, falls back to the local folders.
-- **Tables** (pandas): :func:`eval_table` one row per (evaluation, mode) with success, latency, engine
-  statistics (per-chunk backbone / draft / main / decode ms, acceptance) and peak memory;
-  :func:`task_table` success per task; :func:`load_train_metrics` one row per epoch.
+- **Tables** (pandas): :func:`eval_table` one row per (evaluation, mode) with success and its 95 % Wilson
+  interval, latency, engine statistics (per-chunk backbone / draft / main / decode ms, acceptance) and peak
+  memory; :func:`task_frame` success per task (rows of ``rsd.eval.summary.task_table``);
+  :func:`records_by_run` the episode records behind each row, which paired comparisons need
+  (``rsd.eval.report.comparisons``); :func:`load_train_metrics` one row per epoch.
 - **Plots** (matplotlib figures, ``None`` when there is nothing to draw): :func:`plot_layer_curves`
   (``<stage>/<metric>_L<k>`` columns, whichever exist), :func:`plot_acceptance_vs_success` (relaxed
-  thresholds), :func:`plot_latency_breakdown`, :func:`plot_success_per_task`.
+  thresholds), :func:`plot_latency_breakdown`, :func:`plot_success_per_task`. Success rates are drawn with
+  their intervals as error bars; runs are named by :func:`short_labels` (the acceptance rule), not by path.
 - :func:`execute_notebook`: run a notebook with papermill-style parameters (``nbclient``).
 """
 
@@ -30,13 +33,16 @@ from typing import Any
 
 import pandas as pd
 
+from rsd.eval.stats import success_stats
+from rsd.eval.summary import TASK_COLUMNS, num, task_table
+
 log = logging.getLogger(__name__)
 
 LAYER_COLUMN = re.compile(r"^(?P<stage>[A-Za-z0-9_]+)/(?P<metric>.+)_L(?P<layer>\d+)$")
 LATENCY_PARTS = ("backbone", "draft", "main", "decode")
 EVAL_COLUMNS = [
     "label", "source", "path", "suite", "mode", "acceptance", "delta", "tau", "threshold", "threshold_label",
-    "episodes", "successes", "success_rate", "errors", "avg_inference_ms", "p95_inference_ms",
+    "episodes", "successes", "success_rate", "success_ci_low", "success_ci_high", "errors", "avg_inference_ms", "p95_inference_ms",
     "acceptance_rate", "mean_accepted_layers", "inferences",
     *[f"avg_{p}_ms" for p in LATENCY_PARTS], "avg_engine_ms", "peak_rss_mb", "peak_cuda_mb",
 ]
@@ -130,13 +136,16 @@ def mode_row(label: str, mode: str, stats: Mapping[str, Any], policy: Mapping[st
              source: str = "local", path: str | None = None, memory: Mapping[str, Any] | None = None) -> dict:
     """One row of :func:`eval_table` from a mode summary (``summary["modes"][mode]``)."""
     eng = stats.get("engine") or {}
+    k, n = num(stats.get("successes")), num(stats.get("episodes"))
+    rate = (success_stats(int(k), int(n)) if k is not None and n is not None  # recomputed: W&B rows have counts
+            else {key: stats.get(key) for key in ("success_rate", "success_ci_low", "success_ci_high")})
     x, xlabel = threshold_of(policy) if mode == "speculative" else (math.nan, "baseline")
     row = {
         "label": label, "source": source, "path": path, "suite": suite, "mode": mode,
         "acceptance": policy.get("acceptance"), "delta": policy.get("delta"), "tau": policy.get("tau"),
         "threshold": x, "threshold_label": xlabel,
-        **{k: stats.get(k) for k in ("episodes", "successes", "success_rate", "errors", "avg_inference_ms",
-                                     "p95_inference_ms")},
+        **{k: stats.get(k) for k in ("episodes", "successes", "errors", "avg_inference_ms", "p95_inference_ms")},
+        **rate,
         "acceptance_rate": eng.get("acceptance_rate"), "mean_accepted_layers": eng.get("mean_accepted_layers"),
         "inferences": eng.get("inferences"),
         **{f"avg_{p}_ms": eng.get(f"avg_{p}_ms") for p in (*LATENCY_PARTS, "engine")},
@@ -157,17 +166,51 @@ def eval_table(folders: Sequence[EvalFolder]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=EVAL_COLUMNS)
 
 
-def task_table(folders: Sequence[EvalFolder]) -> pd.DataFrame:
-    """Success per task: one row per (folder, mode, task)."""
-    rows = []
+def task_frame(folders: Sequence[EvalFolder]) -> pd.DataFrame:
+    """Success per task with its interval: one row per (folder, mode, task), columns ``TASK_COLUMNS``."""
+    return pd.DataFrame([row for f in folders for row in task_table(f.summary, label=f.label)],
+                        columns=TASK_COLUMNS)
+
+
+def records_by_run(folders: Sequence[EvalFolder]) -> dict[tuple[str, str], list[dict]]:
+    """``{(path, mode): episode records}`` of the folders, keyed like :func:`eval_table`'s ``path`` and ``mode``
+    columns: what a paired comparison of two rows pairs (runs from W&B have no records here)."""
+    out: dict[tuple[str, str], list[dict]] = {}
     for f in folders:
-        for task in f.summary.get("per_task") or []:
-            for mode, m in (task.get("modes") or {}).items():
-                rows.append({"label": f.label, "mode": mode, "task_id": int(task["task_id"]),
-                             "task_name": task.get("task_name"), "episodes": m.get("episodes"),
-                             "successes": m.get("successes"), "success_rate": m.get("success_rate")})
-    return pd.DataFrame(rows, columns=["label", "mode", "task_id", "task_name", "episodes", "successes",
-                                       "success_rate"])
+        for r in f.records:
+            out.setdefault((str(f.path), str(r.get("mode"))), []).append(r)
+    return out
+
+
+def short_labels(rows: Sequence[Mapping[str, Any]] | pd.DataFrame) -> list[str]:
+    """Plot names of :func:`eval_table` rows: the acceptance rule (``strict``, ``relaxed delta=2``) or
+    ``baseline``; a name several rows share gets the last part of their run label, then a counter."""
+    recs = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
+    names = [str(r.get("threshold_label") or r.get("mode")) if r.get("mode") == "speculative" else str(r.get("mode"))
+             for r in recs]
+    first = list(names)
+    for i, r in enumerate(recs):
+        if first.count(first[i]) > 1:
+            tail = Path(str(r.get("label"))).name
+            if tail and tail not in names[i]:
+                names[i] = f"{names[i]} ({tail})"
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if names.count(name) == 1 else f"{name} #{seen[name]}")
+    return out
+
+
+def ci_errors(df: pd.DataFrame, scale: float = 1.0) -> list[list[float]] | None:
+    """matplotlib ``yerr`` (distances below and above) of the rows' ``success_rate`` from their interval
+    columns; 0 where a row has no interval, None when none has."""
+    if not {"success_ci_low", "success_ci_high"} <= set(df.columns) or df["success_ci_low"].isna().all():
+        return None
+    rate = df["success_rate"].astype(float)
+    low = (rate - df["success_ci_low"].astype(float)).fillna(0.0).clip(lower=0.0) * scale
+    high = (df["success_ci_high"].astype(float) - rate).fillna(0.0).clip(lower=0.0) * scale
+    return [low.tolist(), high.tolist()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +287,7 @@ def _flat(d: Any) -> dict:
 def wandb_eval_rows(runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Eval runs logged by ``rsd.eval.summary.log_to_wandb`` -> ``(eval_table, task_table)`` frames."""
     rows, tasks = [], []
-    task_key = re.compile(r"^(?P<mode>[^/]+)/task_(?P<task>\d+)/success_rate$")
+    task_key = re.compile(r"^(?P<mode>[^/]+)/task_(?P<task>\d+)/(?P<name>\w+)$")
     for run in runs:
         summary, config = _flat(run.summary), _flat(run.config)
         modes = sorted({k.split("/")[0] for k in summary if k.endswith("/success_rate") and k.count("/") == 1})
@@ -258,14 +301,15 @@ def wandb_eval_rows(runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             stats["engine"] = {k[len(mode) + 8:]: v for k, v in summary.items() if k.startswith(f"{mode}/engine/")}
             rows.append(mode_row(label, mode, stats, policy, config.get("suite"), "wandb",
                                  getattr(run, "url", None)))
+        per_task: dict[tuple[str, int], dict] = {}
         for k, v in summary.items():
             m = task_key.match(k)
-            if m:
-                tasks.append({"label": label, "mode": m.group("mode"), "task_id": int(m.group("task")),
-                              "task_name": None, "episodes": None, "successes": None, "success_rate": v})
-    return (pd.DataFrame(rows, columns=EVAL_COLUMNS),
-            pd.DataFrame(tasks, columns=["label", "mode", "task_id", "task_name", "episodes", "successes",
-                                         "success_rate"]))
+            if m and m.group("name") in TASK_COLUMNS:
+                row = per_task.setdefault((m.group("mode"), int(m.group("task"))), {
+                    "label": label, "mode": m.group("mode"), "task_id": int(m.group("task"))})
+                row[m.group("name")] = v
+        tasks += [per_task[k] for k in sorted(per_task)]
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS), pd.DataFrame(tasks, columns=TASK_COLUMNS)
 
 
 def wandb_train_histories(runs: Iterable[Any], samples: int = 2000) -> dict[str, pd.DataFrame]:
@@ -326,7 +370,7 @@ def load_local(log_dir: str | Path = "logs", eval_dirs: Sequence[str | Path] | N
             train[_label(r, root)] = load_train_metrics(r)
         except (OSError, ValueError, pd.errors.ParserError) as exc:
             log.warning("skipping training run %s: %s", r, exc)
-    return Comparison("local", eval_table(folders), task_table(folders), train, folders)
+    return Comparison("local", eval_table(folders), task_frame(folders), train, folders)
 
 
 def load_runs(log_dir: str | Path = "logs", eval_dirs: Sequence[str | Path] | None = None,
@@ -400,35 +444,44 @@ def plot_layer_curves(train: Mapping[str, pd.DataFrame], stage: str = "val", met
 
 
 def plot_acceptance_vs_success(evals: pd.DataFrame):
-    """Draft acceptance and success rate of the speculative evaluations across acceptance thresholds."""
+    """Draft acceptance and success rate (with its 95 % interval) of the speculative evaluations across
+    acceptance rules, against the baseline's success and interval (a band). Runs are named by their rule
+    (:func:`short_labels`): tick labels on the left, a legend on the right, no text over the points."""
     spec = evals[(evals["mode"] == "speculative") & evals["acceptance_rate"].notna()].copy()
     if spec.empty:
         return None
     plt = _plt()
-    spec = spec.sort_values(["threshold", "label"], na_position="last")
+    spec = spec.sort_values(["threshold", "label"], na_position="last").reset_index(drop=True)
+    names = short_labels(spec)
     base = evals[(evals["mode"] == "baseline") & evals["success_rate"].notna()]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(11, 5 + 0.9 * len(spec)), 4.4))
     x = list(range(len(spec)))
+    success = spec["success_rate"].astype(float)
     ax1.plot(x, spec["acceptance_rate"].astype(float), "o-", label="draft acceptance")
-    ax1.plot(x, spec["success_rate"].astype(float), "s-", label="success rate (speculative)")
+    ax1.errorbar(x, success, yerr=ci_errors(spec), fmt="s-", capsize=4, label="success rate (speculative), 95% CI")
     if not base.empty:
-        ax1.axhline(float(base["success_rate"].astype(float).mean()), color="gray", ls="--",
-                    label="success rate (baseline)")
-    ax1.set_xticks(x, [f"{t}\n{lbl}" if len(spec) < 6 else t for t, lbl in
-                       zip(spec["threshold_label"], spec["label"], strict=True)], fontsize=7)
+        b = base.iloc[0]  # the first baseline (report: the same suite's)
+        ax1.axhline(float(b["success_rate"]), color="gray", ls="--", label="success rate (baseline)")
+        if num(b.get("success_ci_low")) is not None:
+            ax1.axhspan(float(b["success_ci_low"]), float(b["success_ci_high"]), color="gray", alpha=0.15,
+                        label="baseline 95% CI")
+    ax1.set_xticks(x, names, fontsize=8, rotation=30 if len(spec) > 3 else 0, ha="right" if len(spec) > 3 else "center")
     ax1.set_ylim(-0.02, 1.02)
-    ax1.set_title("acceptance and success vs threshold")
-    ax1.legend(fontsize=8)
+    ax1.set_title("acceptance and success per acceptance rule")
+    ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
-    ax2.scatter(spec["acceptance_rate"].astype(float), spec["success_rate"].astype(float))
-    for _, r in spec.iterrows():
-        ax2.annotate(str(r["threshold_label"]), (float(r["acceptance_rate"]), float(r["success_rate"])),
-                     fontsize=7, xytext=(3, 3), textcoords="offset points")
+    markers = "os^Dv<>pPX*h"
+    err = ci_errors(spec)
+    for i, name in enumerate(names):
+        yerr = None if err is None else [[err[0][i]], [err[1][i]]]
+        ax2.errorbar([float(spec["acceptance_rate"].iloc[i])], [float(success.iloc[i])], yerr=yerr,
+                     fmt=markers[i % len(markers)], capsize=4, label=name)
     ax2.set_xlabel("draft acceptance rate")
-    ax2.set_ylabel("success rate")
+    ax2.set_ylabel("success rate (95% CI)")
     ax2.set_xlim(-0.02, 1.02)
     ax2.set_ylim(-0.02, 1.02)
     ax2.set_title("success vs acceptance")
+    ax2.legend(fontsize=7, title="acceptance rule", title_fontsize=7, loc="best")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -442,10 +495,10 @@ def plot_latency_breakdown(evals: pd.DataFrame):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(df) + 2), 4))
-    names = [f"{r['label']}\n{r['mode']}" for _, r in df.iterrows()]
+    names = short_labels(df)
     bottom = [0.0] * len(df)
     for part, col in zip(LATENCY_PARTS, cols, strict=True):
-        vals = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in df[col]]
+        vals = [num(v) or 0.0 for v in df[col]]
         ax.bar(names, vals, bottom=bottom, label=part)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     total = df["avg_inference_ms"].astype(float).tolist()
@@ -453,28 +506,31 @@ def plot_latency_breakdown(evals: pd.DataFrame):
     ax.set_ylabel("ms per chunk (inference)")
     ax.set_title("Latency breakdown per chunk")
     ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
+    ax.tick_params(axis="x", labelsize=7, labelrotation=30 if len(df) > 4 else 0)
     fig.tight_layout()
     return fig
 
 
 def plot_success_per_task(tasks: pd.DataFrame):
-    """Grouped bars: success rate per task, one bar per (evaluation, mode) - baseline vs speculative."""
+    """Grouped bars: success rate per task with its 95 % interval, one bar per (evaluation, mode)."""
     if tasks.empty:
         return None
     plt = _plt()
     tasks = tasks.copy()
     tasks["series"] = tasks["label"].astype(str) + " " + tasks["mode"].astype(str)
-    pivot = tasks.pivot_table(index="task_id", columns="series", values="success_rate", aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(pivot) * max(1, len(pivot.columns) / 2) + 2), 4))
-    width = 0.8 / max(len(pivot.columns), 1)
-    for i, col in enumerate(pivot.columns):
-        hatch = "//" if col.endswith("baseline") else None
-        ax.bar([t + (i - (len(pivot.columns) - 1) / 2) * width for t in range(len(pivot))],
-               pivot[col].fillna(0).astype(float), width, label=col, hatch=hatch)
-    ax.set_xticks(range(len(pivot)), [str(t) for t in pivot.index])
+    series = list(dict.fromkeys(tasks["series"]))
+    task_ids = sorted(tasks["task_id"].unique())
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(task_ids) * max(1, len(series) / 2) + 2), 4))
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        df = tasks[tasks["series"] == name].groupby("task_id").first().reindex(task_ids)
+        pos = [t + (i - (len(series) - 1) / 2) * width for t in range(len(task_ids))]
+        ax.bar(pos, df["success_rate"].fillna(0).astype(float), width, label=name,
+               hatch="//" if name.endswith("baseline") else None, yerr=ci_errors(df), capsize=2,
+               error_kw={"elinewidth": 0.8})
+    ax.set_xticks(range(len(task_ids)), [str(t) for t in task_ids])
     ax.set_xlabel("task")
-    ax.set_ylabel("success rate")
+    ax.set_ylabel("success rate (95% CI)")
     ax.set_ylim(0, 1.05)
     ax.set_title("Success per task: baseline vs speculative")
     ax.legend(fontsize=7)

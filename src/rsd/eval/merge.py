@@ -84,8 +84,8 @@ def _job_key(suite: str, item: Sequence) -> tuple:
 
 def _full_policy(dirs: Sequence[Path], identity: Mapping[str, Any]) -> dict:
     """The policy spec as the shards' summaries record it (with ``device``), else the identity's."""
-    from rsd.eval.policy import spec_identity
     from rsd.eval.summary import SUMMARY_JSON
+    from rsd.policies.registry import spec_identity
 
     for d in dirs:
         if (d / SUMMARY_JSON).is_file():

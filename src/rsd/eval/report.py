@@ -1,21 +1,25 @@
 """The comparison table of the original guide: ``python -m rsd.eval.report <eval_dir>... --out report``.
 
-For every speculative evaluation among the folders: success rate, inference time per chunk, draft
-acceptance and peak memory against the baseline, with the improvement::
+For every speculative evaluation among the folders: success rate (with its 95 % Wilson interval),
+inference time per chunk, draft acceptance and peak memory against the baseline, with the improvement::
 
     | Metric | Baseline | Speculative (RSD) | Improvement |
-    | Success Rate | 85.0% | 88.0% | +3.0 pts |
+    | Success Rate | 85.0% [76.7, 90.7] | 88.0% [80.2, 93.0] | +3.0 pts, no significant difference (exact McNemar p = 0.508) |
     | Inference Time | 70.0 ms | 48.0 ms | 1.46x faster (-31.4%) |
     | Draft Acceptance | n/a | 68.0% | - |
     | Peak Memory (GPU) | 15,210 MB | 15,530 MB | +2.1% |
 
-The baseline of a speculative run is the ``baseline`` mode of the same folder (``mode=both``: the same
-init states), else the first other folder of the same suite that has one. Peak memory is the largest
-per-episode peak of the episode records: GPU (``torch.cuda.max_memory_allocated``) when recorded, else
-the process's resident memory (RSS). Writes ``<out>/report.md``, ``report.png`` (tables + bar charts)
+followed by the paired table (both succeed / only speculative / only baseline / neither) over the init
+states both ran, paired by task and init state, and its exact McNemar p-value (:mod:`rsd.eval.stats`).
+
+The baseline of a speculative run is the ``baseline`` mode of the same folder (``mode=both``), else the
+first other folder of the same suite that has one. Peak memory is the largest per-episode peak of the
+episode records: GPU (``torch.cuda.max_memory_allocated``) when recorded, else the process's resident
+memory (RSS). Writes ``<out>/report.md``, ``report.png`` (tables + bar charts, success with error bars)
 and ``report.json`` (the numbers); with two or more speculative runs (e.g. a relaxed-acceptance sweep,
 ``python evaluate.py -m policy.acceptance=relaxed policy.delta=1,2,3``) also an acceptance-sweep table
-and ``sweep.png`` (acceptance and success against the rule).
+(with each rule's paired test against the baseline) and ``sweep.png`` (acceptance and success against the
+rule, named by the rule).
 """
 
 from __future__ import annotations
@@ -29,68 +33,74 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsd.eval.compare import EvalFolder, eval_table, find_eval_dirs, load_eval_dir
+from rsd.eval.compare import (
+    EvalFolder,
+    ci_errors,
+    eval_table,
+    find_eval_dirs,
+    load_eval_dir,
+    records_by_run,
+    short_labels,
+)
+from rsd.eval.stats import paired_comparison
+from rsd.eval.summary import (
+    STATISTICS_NOTE,
+    fmt_mb,
+    fmt_ms,
+    fmt_p,
+    fmt_pct,
+    fmt_points,
+    fmt_rate,
+    fmt_relative,
+    fmt_speedup,
+    md_table,
+    num,
+    paired_markdown,
+    significance,
+)
 
 GUIDE_HEADER = ["Metric", "Baseline", "Speculative (RSD)", "Improvement"]
 
-
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
-def fmt_pct(x: Any) -> str:
-    x = _num(x)
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def fmt_ms(x: Any) -> str:
-    x = _num(x)
-    return "n/a" if x is None else f"{x:.1f} ms"
-
-
-def fmt_mb(x: Any) -> str:
-    x = _num(x)
-    return "n/a" if x is None else f"{x:,.0f} MB"
-
-
-def fmt_points(spec: Any, base: Any) -> str:
-    s, b = _num(spec), _num(base)
-    return "n/a" if s is None or b is None else f"{100 * (s - b):+.1f} pts"
-
-
-def fmt_speedup(spec_ms: Any, base_ms: Any) -> str:
-    s, b = _num(spec_ms), _num(base_ms)
-    if s is None or b is None or s <= 0 or b <= 0:
-        return "n/a"
-    change = f"{100 * (s - b) / b:+.1f}%"
-    return f"{b / s:.2f}x faster ({change})" if b >= s else f"{s / b:.2f}x slower ({change})"
-
-
-def fmt_relative(spec: Any, base: Any) -> str:
-    s, b = _num(spec), _num(base)
-    return "n/a" if s is None or b is None or b == 0 else f"{100 * (s - b) / b:+.1f}%"
+#: ``{(path, mode): episode records}`` (:func:`rsd.eval.compare.records_by_run`)
+Records = Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
 
 
 def memory_of(row: Mapping[str, Any] | None, kind: str) -> float | None:
     if not row:
         return None
-    return _num(row.get("peak_cuda_mb" if kind == "GPU" else "peak_rss_mb"))
+    return num(row.get("peak_cuda_mb" if kind == "GPU" else "peak_rss_mb"))
 
 
-def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None) -> list[list[str]]:
-    """The four rows of the guide's table (strings) for one baseline / speculative pair (either may be None)."""
+def rate_of(row: Mapping[str, Any] | None) -> str:
+    """A row's success rate with its 95 % Wilson interval."""
+    r = row or {}
+    return fmt_rate(r.get("success_rate"), r.get("success_ci_low"), r.get("success_ci_high"))
+
+
+def paired_of(spec: Mapping[str, Any] | None, base: Mapping[str, Any] | None,
+              records: Records | None) -> dict | None:
+    """The paired comparison (:func:`rsd.eval.stats.paired_comparison`) of a speculative row against a
+    baseline row over the init states both ran; None without records or without shared init states."""
+    if not records or not spec or not base:
+        return None
+    return paired_comparison(records.get((str(spec["path"]), str(spec["mode"])), []),
+                             records.get((str(base["path"]), str(base["mode"])), []))
+
+
+def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None,
+               paired: Mapping[str, Any] | None = None) -> list[list[str]]:
+    """The four rows of the guide's table (strings) for one baseline / speculative pair (either may be None);
+    success rates with their intervals, the difference with the paired test's verdict when there is one."""
     b, s = base or {}, spec or {}
-    kind = "GPU" if _num(b.get("peak_cuda_mb")) is not None or _num(s.get("peak_cuda_mb")) is not None else "RSS"
+    kind = "GPU" if num(b.get("peak_cuda_mb")) is not None or num(s.get("peak_cuda_mb")) is not None else "RSS"
     mb, ms = memory_of(base, kind), memory_of(spec, kind)
+    diff = fmt_points(s.get("success_rate"), b.get("success_rate"))
+    if paired is not None and diff != "n/a":
+        diff += f", {significance(paired['mcnemar_p'])}"
+    elif base and spec:
+        diff += " (not paired: no shared init states)" if diff != "n/a" else ""
     return [
-        ["Success Rate", fmt_pct(b.get("success_rate")), fmt_pct(s.get("success_rate")),
-         fmt_points(s.get("success_rate"), b.get("success_rate"))],
+        ["Success Rate", rate_of(base) if base else "n/a", rate_of(spec) if spec else "n/a", diff],
         ["Inference Time", fmt_ms(b.get("avg_inference_ms")), fmt_ms(s.get("avg_inference_ms")),
          fmt_speedup(s.get("avg_inference_ms"), b.get("avg_inference_ms"))],
         ["Draft Acceptance", "n/a", fmt_pct(s.get("acceptance_rate")), "-"],
@@ -99,122 +109,154 @@ def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None) -
 
 
 def baseline_for(spec: Mapping[str, Any], base_rows: Sequence[Mapping[str, Any]]) -> tuple[Any, bool]:
-    """``(baseline row or None, paired)``: the same folder's baseline first, else the first of the same suite."""
+    """``(baseline row or None, same folder)``: the same folder's baseline first, else the first of the same suite."""
     same = next((b for b in base_rows if b["path"] == spec["path"]), None)
     if same is not None:
         return same, True
     return next((b for b in base_rows if b["suite"] == spec["suite"]), None), False
 
 
-def comparisons(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Pair every speculative row with its baseline (:func:`baseline_for`)."""
+def comparisons(rows: Sequence[Mapping[str, Any]], records: Records | None = None) -> list[dict]:
+    """Pair every speculative row with its baseline (:func:`baseline_for`); with ``records``, also pair their
+    episodes by task and init state (``"paired"``: the paired table and exact McNemar p-value)."""
     base_rows = [r for r in rows if r["mode"] == "baseline"]
     spec_rows = [r for r in rows if r["mode"] == "speculative"]
     out = []
     for s in spec_rows:
-        b, paired = baseline_for(s, base_rows)
-        out.append({"label": s["label"], "baseline_label": b["label"] if b else None, "paired": paired,
-                    "speculative": dict(s), "baseline": dict(b) if b else None, "rows": guide_rows(b, s)})
+        b, same = baseline_for(s, base_rows)
+        paired = paired_of(s, b, records)
+        out.append({"label": s["label"], "baseline_label": b["label"] if b else None, "same_folder": same,
+                    "speculative": dict(s), "baseline": dict(b) if b else None, "paired": paired,
+                    "rows": guide_rows(b, s, paired)})
     if not spec_rows:
-        out += [{"label": b["label"], "baseline_label": b["label"], "paired": False, "speculative": None,
-                 "baseline": dict(b), "rows": guide_rows(b, None)} for b in base_rows]
+        out += [{"label": b["label"], "baseline_label": b["label"], "same_folder": False, "speculative": None,
+                 "baseline": dict(b), "paired": None, "rows": guide_rows(b, None)} for b in base_rows]
     return out
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    esc = [[str(c).replace("|", "\\|") for c in r] for r in rows]
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
-        ["| " + " | ".join(r) + " |" for r in esc]
+def comparison_markdown(c: Mapping[str, Any], level: int = 2) -> list[str]:
+    """One comparison: heading, episodes, the guide's table and the paired table (markdown lines)."""
+    s, b, paired = c["speculative"], c["baseline"], c.get("paired")
+    name = f"{c['label']} vs baseline" + (f" of {c['baseline_label']}" if b and not c["same_folder"] else "")
+    lines = [f"{'#' * level} {name}", ""]
+    eps = []
+    if s:
+        eps.append(f"{s['episodes']} speculative")
+    if b:
+        eps.append(f"{b['episodes']} baseline" + (" (same folder)" if c["same_folder"] else ""))
+    if s and s.get("threshold_label"):
+        eps.append(f"acceptance: {s['threshold_label']}")
+    lines += [f"Episodes: {', '.join(eps)}.", ""]
+    lines += md_table(GUIDE_HEADER, c["rows"]) + [""]
+    if paired is not None:
+        left = (f" ({paired['unpaired_a']} speculative and {paired['unpaired_b']} baseline episodes without a "
+                f"partner left out)" if paired["unpaired_a"] or paired["unpaired_b"] else "")
+        lines += [f"Paired by task and init state{left}: success "
+                  f"{fmt_rate(paired['a_success_rate'], paired['a_success_ci_low'], paired['a_success_ci_high'])}"
+                  f" vs {fmt_rate(paired['b_success_rate'], paired['b_success_ci_low'], paired['b_success_ci_high'])},"
+                  f" {significance(paired['mcnemar_p'])}.", ""]
+        lines += paired_markdown(paired, "speculative", "baseline") + [""]
+    elif s and b:
+        lines += ["No paired test: the two runs share no init state (or their episode records are missing).", ""]
+    return lines
 
 
-RUN_HEADER = ["Run", "Mode", "Episodes", "Success Rate", "Inference Time", "Draft Acceptance", "Draft", "Main",
-              "Peak RSS", "Peak GPU"]
+RUN_HEADER = ["Run", "Plot label", "Mode", "Episodes", "Success Rate [95% CI]", "Inference Time", "Draft Acceptance",
+              "Draft", "Main", "Peak RSS", "Peak GPU"]
 
 
 def run_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    return [[str(r["label"]), str(r["mode"]), str(r["episodes"]), fmt_pct(r["success_rate"]),
-             fmt_ms(r["avg_inference_ms"]), fmt_pct(r["acceptance_rate"]) if r["mode"] == "speculative" else "n/a",
-             fmt_ms(r["avg_draft_ms"]), fmt_ms(r["avg_main_ms"]), fmt_mb(r["peak_rss_mb"]),
-             fmt_mb(r["peak_cuda_mb"])] for r in rows]
+    return [[str(r["label"]), short, str(r["mode"]), str(r["episodes"]), rate_of(r), fmt_ms(r["avg_inference_ms"]),
+             fmt_pct(r["acceptance_rate"]) if r["mode"] == "speculative" else "n/a", fmt_ms(r["avg_draft_ms"]),
+             fmt_ms(r["avg_main_ms"]), fmt_mb(r["peak_rss_mb"]), fmt_mb(r["peak_cuda_mb"])]
+            for r, short in zip(rows, short_labels(rows), strict=True)]
 
 
 SWEEP_HEADER = ["Acceptance rule", "Run", "Episodes", "Draft Acceptance", "Accepted Layers / Chunk",
-                "Success Rate", "Inference Time", "Speedup vs Baseline"]
+                "Success Rate [95% CI]", "Paired vs Baseline (both / only spec / only base / neither)",
+                "McNemar p", "Inference Time", "Speedup vs Baseline"]
 
 
-def sweep_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """The acceptance sweep: every speculative run ordered by its rule (strict first, then delta / tau),
-    with the speedup over the baseline of the same suite (same folder first)."""
+def _sweep_order(r: Mapping[str, Any]) -> tuple:
+    x = num(r.get("threshold"))
+    return (0 if r.get("acceptance") == "strict" else 1, x if x is not None else math.inf, str(r["label"]))
+
+
+def sweep_rows(rows: Sequence[Mapping[str, Any]], records: Records | None = None) -> list[list[str]]:
+    """The acceptance sweep: every speculative run ordered by its rule (strict first, then delta / tau), with
+    its success interval, the paired table and exact McNemar p-value against the baseline of the same suite
+    (same folder first), and the speedup over that baseline."""
     spec = [r for r in rows if r["mode"] == "speculative"]
     base = [r for r in rows if r["mode"] == "baseline"]
-
-    def order(r: Mapping[str, Any]) -> tuple:
-        x = _num(r.get("threshold"))
-        return (0 if r.get("acceptance") == "strict" else 1, x if x is not None else math.inf, str(r["label"]))
-
     out = []
-    for r in sorted(spec, key=order):
+    for r in sorted(spec, key=_sweep_order):
         b, _ = baseline_for(r, base)
+        paired = paired_of(r, b, records)
+        table = "n/a" if paired is None else \
+            f"{paired['both']} / {paired['only_a']} / {paired['only_b']} / {paired['neither']}"
+        p = "n/a" if paired is None else \
+            f"{fmt_p(paired['mcnemar_p'])}{'' if paired['significant'] else ' (no significant difference)'}"
         out.append([str(r.get("threshold_label")), str(r["label"]), str(r["episodes"]), fmt_pct(r["acceptance_rate"]),
-                    "n/a" if _num(r.get("mean_accepted_layers")) is None else f"{float(r['mean_accepted_layers']):.2f}",
-                    fmt_pct(r["success_rate"]), fmt_ms(r["avg_inference_ms"]),
+                    "n/a" if num(r.get("mean_accepted_layers")) is None else f"{float(r['mean_accepted_layers']):.2f}",
+                    rate_of(r), table, p, fmt_ms(r["avg_inference_ms"]),
                     fmt_speedup(r["avg_inference_ms"], b["avg_inference_ms"]) if b else "n/a"])
     return out
 
 
-def markdown(comps: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], title: str) -> str:
+def markdown(comps: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], title: str,
+             records: Records | None = None) -> str:
     lines = [f"# {title}", ""]
     suites = sorted({str(r["suite"]) for r in rows})
     lines += [f"Suite: {', '.join(suites)}. Inference time: average per chunk (policy query). Peak memory: the "
-              "largest per-episode peak.", ""]
+              f"largest per-episode peak. Statistics: {STATISTICS_NOTE}.", ""]
     for c in comps:
-        s, b = c["speculative"], c["baseline"]
-        name = f"{c['label']} vs baseline" + (f" of {c['baseline_label']}" if b and not c["paired"] else "")
-        lines += [f"## {name}", ""]
-        eps = []
-        if s:
-            eps.append(f"{s['episodes']} speculative")
-        if b:
-            eps.append(f"{b['episodes']} baseline" + (" (same init states)" if c["paired"] else ""))
-        if s and s.get("threshold_label"):
-            eps.append(f"acceptance: {s['threshold_label']}")
-        lines += [f"Episodes: {', '.join(eps)}.", ""]
-        lines += _md_table(GUIDE_HEADER, c["rows"]) + [""]
+        lines += comparison_markdown(c)
     if sum(r["mode"] == "speculative" for r in rows) >= 2:
         lines += ["## Acceptance sweep", "", "Draft acceptance against closed-loop success for each acceptance "
-                  "rule (plot: sweep.png).", ""] + _md_table(SWEEP_HEADER, sweep_rows(rows)) + [""]
-    lines += ["## All runs", ""] + _md_table(RUN_HEADER, run_rows(rows)) + [""]
+                  "rule, each paired with the baseline on the init states both ran (plot: sweep.png).", ""]
+        lines += md_table(SWEEP_HEADER, sweep_rows(rows, records)) + [""]
+    lines += ["## All runs", ""] + md_table(RUN_HEADER, run_rows(rows)) + [""]
     return "\n".join(lines)
 
 
 def plot(comps: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], title: str):
-    """Tables of the guide (one per comparison) above bar charts of the four metrics over all runs."""
+    """Tables of the guide (one per comparison) above bar charts of the four metrics over all runs; the
+    success panel has the 95 % intervals as error bars; runs are named by :func:`short_labels`."""
     import matplotlib.pyplot as plt
+    import pandas as pd
+    from matplotlib.patches import Patch
 
     n_tab = max(len(comps), 1)
-    fig = plt.figure(figsize=(13, 1.7 * n_tab + 3.6))
-    grid = fig.add_gridspec(n_tab + 1, 4, height_ratios=[1.7] * n_tab + [3.6])
+    fig = plt.figure(figsize=(max(13, 1.6 * len(rows) + 4), 1.7 * n_tab + 3.9))
+    grid = fig.add_gridspec(n_tab + 1, 4, height_ratios=[1.7] * n_tab + [3.9])
     for i, c in enumerate(comps):
         ax = fig.add_subplot(grid[i, :])
         ax.axis("off")
-        table = ax.table(cellText=c["rows"], colLabels=GUIDE_HEADER, loc="center", cellLoc="center")
+        table = ax.table(cellText=c["rows"], colLabels=GUIDE_HEADER, loc="center", cellLoc="center",
+                         colWidths=[0.14, 0.22, 0.22, 0.42])  # the improvement cell holds the test's verdict
         table.auto_set_font_size(False)
-        table.set_fontsize(9)
+        table.set_fontsize(8)
         table.scale(1, 1.3)
         ax.set_title(str(c["label"]), fontsize=10)
-    names = [f"{r['label']}\n{r['mode']}" for r in rows]
+    names = short_labels(rows)
     colors = ["tab:gray" if r["mode"] == "baseline" else "tab:blue" for r in rows]
-    kind = "peak_cuda_mb" if any(_num(r["peak_cuda_mb"]) is not None for r in rows) else "peak_rss_mb"
-    panels = [("success_rate", "success rate", 100.0), ("avg_inference_ms", "inference ms / chunk", 1.0),
+    kind = "peak_cuda_mb" if any(num(r["peak_cuda_mb"]) is not None for r in rows) else "peak_rss_mb"
+    panels = [("success_rate", "success rate % (95% CI)", 100.0), ("avg_inference_ms", "inference ms / chunk", 1.0),
               ("acceptance_rate", "draft acceptance %", 100.0),
               (kind, f"peak memory MB ({'GPU' if kind == 'peak_cuda_mb' else 'RSS'})", 1.0)]
+    frame = pd.DataFrame(list(rows))
     for j, (key, label, scale) in enumerate(panels):
         ax = fig.add_subplot(grid[n_tab, j])
-        vals = [(_num(r[key]) or 0.0) * scale for r in rows]
-        ax.bar(range(len(rows)), vals, color=colors)
-        ax.set_xticks(range(len(rows)), names, fontsize=6, rotation=30, ha="right")
+        vals = [(num(r[key]) or 0.0) * scale for r in rows]
+        yerr = ci_errors(frame, scale) if key == "success_rate" else None
+        ax.bar(range(len(rows)), vals, color=colors, yerr=yerr, capsize=3)
+        ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        if j == 0:
+            ax.set_ylim(0, 105)
+            ax.legend(handles=[Patch(color="tab:gray", label="baseline"), Patch(color="tab:blue", label="speculative")],
+                      fontsize=7, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -244,11 +286,12 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
     folders: list[EvalFolder] = [load_eval_dir(d, label=(labels[i] if labels else None), root=common)
                                  for i, d in enumerate(dirs)]
     rows = eval_table(folders).to_dict("records")
-    comps = comparisons(rows)
+    records = records_by_run(folders)
+    comps = comparisons(rows, records)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "png": out / "report.png", "json": out / "report.json"}
-    paths["md"].write_text(markdown(comps, rows, title))
+    paths["md"].write_text(markdown(comps, rows, title, records))
     fig = plot(comps, rows, title)
     fig.savefig(paths["png"], dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """One LIBERO episode under the OpenVLA / OpenVLA-OFT evaluation protocol.
 
-Protocol (``shared/notes/design.md``, "LIBERO evaluation protocol"):
+Protocol (the README's "Evaluation"; start of an episode: ``rsd.envs.libero_env.reset_to_init_state``):
 
 1. ``env.seed(0)``, ``env.reset()``, ``obs = env.set_init_state(init_states[i])`` for trial ``i``;
 2. ``NUM_WARMUP_STEPS`` no-op steps ``[0, 0, 0, 0, 0, 0, -1]`` (objects settle; not counted);
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rsd.envs.libero_env import MAX_STEPS, NOOP_ACTION, NUM_WARMUP_STEPS, TaskSpec
+from rsd.envs.libero_env import MAX_STEPS, NUM_WARMUP_STEPS, TaskSpec, reset_to_init_state
 
 
 @dataclass
@@ -133,12 +133,8 @@ def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, m
     try:
         if hasattr(policy, "bind_env"):
             policy.bind_env(env)
-        env.seed(0)
-        env.reset()
-        obs = env.set_init_state(np.asarray(init_state))
         policy.reset(task, mode, trial)
-        for _ in range(num_warmup_steps):
-            obs, _, _, _ = env.step(NOOP_ACTION)
+        obs = reset_to_init_state(env, init_state, num_warmup_steps, seed=0)
         grab(obs)
         done = False
         digest = hashlib.sha1()

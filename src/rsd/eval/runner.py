@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 
 from rsd.envs.libero_env import MAX_STEPS, TaskSpec
-from rsd.eval.policy import MODES, spec_identity
+from rsd.policies.base import EVAL_MODES
+from rsd.policies.registry import spec_identity
+from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,10 @@ def record_key(rec: Mapping[str, Any]) -> tuple:
 
 def parse_modes(mode: str | Sequence[str]) -> list[str]:
     """``speculative`` | ``baseline`` | ``both`` (or a list) -> the modes to run, in order."""
-    modes = list(MODES) if mode == "both" else ([mode] if isinstance(mode, str) else list(mode))
-    bad = [m for m in modes if m not in MODES]
+    modes = list(EVAL_MODES) if mode == "both" else ([mode] if isinstance(mode, str) else list(mode))
+    bad = [m for m in modes if m not in EVAL_MODES]
     if bad or not modes:
-        raise ValueError(f"mode must be one of {MODES} or 'both', got {mode!r}")
+        raise ValueError(f"mode must be one of {EVAL_MODES} or 'both', got {mode!r}")
     return modes
 
 
@@ -220,7 +222,7 @@ class EpisodeWorker:
 
     def _ensure_policy(self) -> Any:
         if self.policy is None:
-            from rsd.eval.policy import build_policy
+            from rsd.policies.registry import build_policy
 
             try:
                 self.policy = build_policy(self.policy_spec)
@@ -354,6 +356,40 @@ class EvalRun:
     new: int  # episodes run by this call
     skipped: int  # episodes found in the log (resume)
     max_steps: int
+    heldout: dict | None = None  # check_held_out's verdict on the work list's init states
+
+
+def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], train_caches: Sequence[str],
+                   allow_train_states: bool = False) -> dict:
+    """Are the evaluation's init states held out from the training data of the models it evaluates?
+
+    ``train_caches``: the feature caches the policy's models were trained on (their manifests record
+    every episode's start scene, ``rsd.data.heldout``). Overlapping or unverifiable states raise
+    :class:`rsd.data.heldout.TrainStatesError` unless ``allow_train_states``; the verdict is returned
+    for the summary's first line.
+    """
+    from rsd.data.heldout import TrainStatesError, overlaps
+
+    if not train_caches:
+        return {"status": "no_training_data", "line": "Init states: the policy records no training data "
+                "(nothing to be held out from)", "overlapping_episodes": 0}
+    pairs = [(int(t), int(i)) for t in task_ids for i in trials]
+    found, unknown = overlaps(suite, pairs, train_caches)
+    verdict = {"train_caches": list(train_caches), "overlapping_episodes": len(found),
+               "overlaps": found[:20], "unverifiable_caches": unknown, "allow_train_states": bool(allow_train_states)}
+    if not found and not unknown:
+        return {**verdict, "status": "held_out", "line": f"Init states: held out ({len(pairs)} (task, trial) "
+                "pairs checked against the training caches' start scenes)"}
+    what = (f"{len(found)} of {len(pairs)} evaluation init states are start scenes of the training data "
+            f"(e.g. {found[0]['reason']})" if found else
+            f"the training data's start scenes cannot be checked ({'; '.join(unknown)})")
+    if not allow_train_states:
+        raise TrainStatesError(f"refusing to report a success rate: {what}. Evaluating on states the policy "
+                               "was trained from is replay, not generalization. Collect held-out demos "
+                               "(`python -m rsd.data.collect`, init_source=generated) and retrain, or pass "
+                               "allow_train_states=true to evaluate anyway (every summary then says so).")
+    return {**verdict, "status": "not_held_out" if found else "unverified",
+            "line": f"WARNING: NOT A HELD-OUT EVALUATION (allow_train_states=true): {what}"}
 
 
 def _check_run_identity(out_dir: Path, identity: dict, force: bool) -> None:
@@ -372,9 +408,12 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    mode: str | Sequence[str] = "speculative", workers: int = 1, max_steps: int | None = None,
                    video: Any = None, retry_errors: bool = False, max_episodes: int | None = None,
                    progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
-                   max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None) -> EvalRun:
+                   max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None,
+                   train_caches: Sequence[str] | None = None, allow_train_states: bool = False) -> EvalRun:
     """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list.
-    ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``)."""
+    ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``).
+    ``train_caches``: the policy's training caches; the init states must be held out from them
+    (:func:`check_held_out`) unless ``allow_train_states``."""
     if suite not in MAX_STEPS:
         raise ValueError(f"unknown suite {suite!r}; one of {sorted(MAX_STEPS)}")
     from rsd.envs.libero_env import get_init_states, num_tasks
@@ -391,6 +430,7 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
     if trial_list and trial_list[-1] >= n_init:
         raise ValueError(f"trial {trial_list[-1]} needs init state {trial_list[-1]}, but {suite} tasks have "
                          f"{n_init} init states (trials=N allows N <= {n_init})")
+    heldout = check_held_out(suite, task_ids, trial_list, list(train_caches or []), allow_train_states)
     modes = parse_modes(mode)
     jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
     shard_info = None
@@ -429,7 +469,7 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
 
     new_records: list[dict] = []
     if todo:
-        bar = _progress(len(todo), suite, progress)
+        bar = progress_bar(total=len(todo), desc=suite, unit="ep", enabled=progress)
 
         def on_record(rec: dict) -> None:
             episode_log.append(rec)
@@ -457,15 +497,7 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
     final = {record_key(r): r for r in list(by_key.values()) + new_records}
     records = [final[j.key] for j in jobs if j.key in final]
     return EvalRun(out_dir=out_dir, records=records, total=len(jobs), new=len(new_records), skipped=skipped,
-                   max_steps=identity["max_steps"])
-
-
-def _progress(total: int, suite: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"{suite}", unit="ep", dynamic_ncols=True)
+                   max_steps=identity["max_steps"], heldout=heldout)
 
 
 def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record) -> None:

@@ -23,11 +23,9 @@ CLI: ``python -m rsd.models.checkpoint inspect <path|best>`` prints what the ori
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,7 +36,8 @@ import torch
 
 from rsd import PROJECT_ROOT
 from rsd.models.draft import RFSQDraftModelWithProjection
-from rsd.utils.export import best_checkpoint
+from rsd.utils.export import BestCheckpointExport
+from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def _read_run_config(output_dir: Path) -> Any:
         return None
 
 
-class ExportDraftCheckpoint(L.Callback):
+class ExportDraftCheckpoint(BestCheckpointExport):
     """At the end of fit, write ``{output_dir}/best_draft_with_projection.pt`` from the best checkpoint.
 
     The best checkpoint is ``trainer.checkpoint_callback.best_model_path`` (monitoring ``val/accuracy``);
@@ -123,11 +122,10 @@ class ExportDraftCheckpoint(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        best, score = best_checkpoint(trainer)
+        best, score, ckpt = self.read_best_checkpoint(trainer)
         dm = trainer.datamodule
         cache = dm.cache_identity() if dm is not None and hasattr(dm, "cache_identity") else None
-        if best:
-            ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        if ckpt is not None:
             state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
             opt_states = ckpt.get("optimizer_states") or [{}]
             optimizer_state = opt_states[0]
@@ -151,24 +149,19 @@ class ExportDraftCheckpoint(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _load_payload(path: Path, map_location: str | torch.device) -> Any:
+def _load_payload(path: Path, map_location: str | torch.device, trust: bool = False) -> Any:
+    """The file's dict, loaded without running code from it unless ``trust`` (see ``rsd.utils.serialization``);
+    an original-project file holding Python objects (e.g. an argparse Namespace) needs ``trust``."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise DraftCheckpointError(f"draft checkpoint {path} cannot be read: {err}") from err
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err):
-            raise DraftCheckpointError(_corrupt_msg(path, err)) from err
-        # An original-project file holding non-tensor python objects (e.g. an argparse Namespace config).
-        log.warning("%s holds python objects beyond tensors; loading it with weights_only=False "
-                    "(only do this for files you trust)", path)
-        try:
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-        except Exception as err2:  # noqa: BLE001
-            raise DraftCheckpointError(_corrupt_msg(path, err2)) from err2
-    except Exception as err:  # noqa: BLE001 - zip/EOF/runtime errors all mean an unreadable file
+        return load_torch_file(data, map_location, trust=trust, what="draft checkpoint",
+                               opt_in="policy.trust_checkpoints=true (evaluate.py) or --trust (the CLI)")
+    except UntrustedFileError as err:
+        raise DraftCheckpointError(str(err)) from err
+    except Exception as err:  # noqa: BLE001 - zip/EOF/pickle/runtime errors all mean an unreadable file
         raise DraftCheckpointError(_corrupt_msg(path, err)) from err
 
 
@@ -209,20 +202,21 @@ def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_draft_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                          require_keys: tuple[str, ...] = ORIGINAL_KEYS
+                          require_keys: tuple[str, ...] = ORIGINAL_KEYS, trust: bool = False
                           ) -> tuple[RFSQDraftModelWithProjection, dict[str, Any]]:
     """Load a draft checkpoint (this project's or the original's) -> ``(model in eval mode, info)``.
 
     ``info``: ``path``, ``format`` (``rsd`` / ``original``), ``keys``, ``epoch``, ``val_accuracy``,
     ``model_config``, ``config_source`` (``file`` / ``inferred``), ``run_config``, ``cache_manifest``,
-    ``optimizer_state_dict``, ``num_parameters``. Raises ``DraftCheckpointError`` on any problem.
+    ``optimizer_state_dict``, ``num_parameters``. Raises ``DraftCheckpointError`` on any problem, and for a
+    file that needs full unpickling unless ``trust`` (which runs code stored in the file).
     """
     path = Path(path)
     if not path.is_file():
         raise DraftCheckpointError(f"draft checkpoint not found: {path}. Train one with `python train.py "
                                    f"experiment=draft_proj` (writes logs/draft_proj/runs/<time>/{FILENAME}) or "
                                    "pass an existing file (ckpt=<path>).")
-    payload = _load_payload(path, map_location)
+    payload = _load_payload(path, map_location, trust)
     if not isinstance(payload, Mapping):
         raise DraftCheckpointError(f"draft checkpoint {path} holds a {type(payload).__name__}, expected a dict "
                                    f"with keys {list(ORIGINAL_KEYS)}")
@@ -300,14 +294,14 @@ def resolve_draft_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def inspect_checkpoint(spec: str, log_dir: str | None = None) -> dict[str, Any]:
+def inspect_checkpoint(spec: str, log_dir: str | None = None, trust: bool = False) -> dict[str, Any]:
     """What the original guide checks, as a dict (also printed by the CLI).
 
     Missing and unreadable files raise ``DraftCheckpointError``; a readable file that does not load into
     the draft model is reported with ``loads: False`` and the reason in ``error``.
     """
     path = resolve_draft_checkpoint(spec, log_dir)
-    payload = _load_payload(path, "cpu")
+    payload = _load_payload(path, "cpu", trust)
     keys = list(payload.keys()) if isinstance(payload, Mapping) else []
     state = payload.get("model_state_dict") if isinstance(payload, Mapping) else None
     proj = state.get("input_projection.weight") if isinstance(state, Mapping) else None
@@ -321,7 +315,7 @@ def inspect_checkpoint(spec: str, log_dir: str | None = None) -> dict[str, Any]:
         "input_projection.weight": list(proj.shape) if isinstance(proj, torch.Tensor) else None,
     }
     try:
-        _, info = load_draft_checkpoint(path)
+        _, info = load_draft_checkpoint(path, trust=trust)
     except DraftCheckpointError as err:
         out.update(loads=False, error=str(err))
         return out
@@ -342,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("ckpt", help="a checkpoint path, or 'best' (newest draft_proj run)")
     p_inspect.add_argument("--log-dir", default=None, help="logs folder for 'best' (default: <repo>/logs)")
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
+    p_inspect.add_argument("--trust", action="store_true",
+                           help="allow a file that needs full unpickling (runs code stored in it)")
     args = parser.parse_args(argv)
     try:
-        out = inspect_checkpoint(args.ckpt, args.log_dir)
+        out = inspect_checkpoint(args.ckpt, args.log_dir, trust=args.trust)
     except DraftCheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

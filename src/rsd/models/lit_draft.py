@@ -22,6 +22,7 @@ clipping and bf16 autocast come from the trainer config.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.utils.config import net_config
 from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,9 @@ MODEL_KEYS = ("input_dim", "hidden_dim", "num_coarse_layers", "chunk_len", "acti
 
 
 class DraftLitModule(L.LightningModule):
-    def __init__(self, input_dim: int = 4096, hidden_dim: int = 512, num_coarse_layers: int = 3,
-                 chunk_len: int = 8, action_hidden_dim: int = 16, grid_size: int = 7, num_heads: int = 8,
-                 feedforward_dim: int = 2048, dropout: float = 0.1, lr: float = 3e-4,
+    """Trains :class:`RFSQDraftModelWithProjection` (``net`` = its constructor arguments) on coarse layers."""
+
+    def __init__(self, net: dict | None = None, lr: float = 3e-4,
                  weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int | None = None, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.02,
                  label_smoothing: float = 0.0, layer_weights: list[float] | None = None) -> None:
@@ -52,12 +54,16 @@ class DraftLitModule(L.LightningModule):
         # plain python (Hydra passes ListConfig), so checkpoints load with torch.load(weights_only=True)
         betas = tuple(float(b) for b in betas)
         layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
-        self.save_hyperparameters()
-        self.model = RFSQDraftModelWithProjection(
-            input_dim=input_dim, hidden_dim=hidden_dim, num_coarse_layers=num_coarse_layers, chunk_len=chunk_len,
-            action_hidden_dim=action_hidden_dim, grid_size=grid_size, num_heads=num_heads,
-            feedforward_dim=feedforward_dim, dropout=dropout)
-        self.num_coarse_layers = num_coarse_layers
+        net = net_config(net)
+        unknown = sorted(set(net) - set(MODEL_KEYS))
+        if unknown:
+            raise ValueError(f"model.net has unknown draft arguments {unknown}; known: {list(MODEL_KEYS)}")
+        self.save_hyperparameters({"net": net, "lr": lr, "weight_decay": weight_decay, "betas": betas,
+                                   "warmup_steps": warmup_steps, "warmup_fraction": warmup_fraction,
+                                   "min_lr_ratio": min_lr_ratio, "label_smoothing": label_smoothing,
+                                   "layer_weights": layer_weights})
+        self.model = RFSQDraftModelWithProjection(**net)
+        self.num_coarse_layers = num_coarse_layers = self.model.num_coarse_layers
         weights = torch.ones(num_coarse_layers) if layer_weights is None else torch.as_tensor(
             list(layer_weights), dtype=torch.float32)
         if weights.shape != (num_coarse_layers,):
@@ -72,7 +78,9 @@ class DraftLitModule(L.LightningModule):
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict[str, Any]:
         """Constructor arguments of the draft model (stored in exported checkpoints)."""
-        return {k: self.hparams[k] for k in MODEL_KEYS}
+        defaults = {k: p.default for k, p in inspect.signature(RFSQDraftModelWithProjection.__init__).parameters.items()
+                    if k in MODEL_KEYS}
+        return {**defaults, **self.hparams.net}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model(hidden)
@@ -80,9 +88,9 @@ class DraftLitModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dim = getattr(dm, "hidden_dim", None) if dm is not None else None
-        if dim is not None and int(dim) != self.hparams.input_dim:
+        if dim is not None and int(dim) != self.model.input_dim:
             raise ValueError(f"the feature cache has hidden states of size {dim} but the draft model expects "
-                             f"input_dim={self.hparams.input_dim}; set model.input_dim={dim} (or use the "
+                             f"input_dim={self.model.input_dim}; set model.net.input_dim={dim} (or use the "
                              "matching backbone)")
 
     # ------------------------------------------------------------------ steps

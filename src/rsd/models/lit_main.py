@@ -20,11 +20,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+from rsd.utils.config import net_config
 from rsd.utils.export import BestCheckpointExport
 from rsd.utils.schedules import warmup_cosine
 
@@ -34,17 +34,14 @@ STAGES = ("train", "val", "test")
 
 
 class MainDecoderLitModule(L.LightningModule):
-    """Trains :class:`RFSQMainDecoder` (``decoder`` = its constructor arguments) with AdamW + warm-up + cosine."""
+    """Trains :class:`RFSQMainDecoder` (``net`` = its constructor arguments) with AdamW + warm-up + cosine."""
 
-    def __init__(self, decoder: dict | None = None, lr: float = 3e-4, weight_decay: float = 0.05,
+    def __init__(self, net: dict | None = None, lr: float = 3e-4, weight_decay: float = 0.05,
                  warmup_steps: int = 500, min_lr_ratio: float = 0.05, label_smoothing: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95)) -> None:
         super().__init__()
-        if isinstance(decoder, DictConfig):
-            decoder = OmegaConf.to_container(decoder, resolve=True)
-        decoder = dict(decoder or {})
-        decoder.pop("_target_", None)
-        self.save_hyperparameters({"decoder": decoder, "lr": lr, "weight_decay": weight_decay,
+        decoder = net_config(net)
+        self.save_hyperparameters({"net": decoder, "lr": lr, "weight_decay": weight_decay,
                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
                                    "label_smoothing": label_smoothing, "betas": tuple(betas)})
         self.decoder = RFSQMainDecoder(**decoder)
@@ -75,7 +72,7 @@ class MainDecoderLitModule(L.LightningModule):
                 log.debug("could not read the datamodule's hidden_dim: %s", exc)
         if dim is not None and dim != self.decoder.input_dim:
             raise ValueError(f"the feature cache has hidden states of size {dim} but the main decoder was built "
-                             f"for input_dim={self.decoder.input_dim}: set model.decoder.input_dim={dim}")
+                             f"for input_dim={self.decoder.input_dim}: set model.net.input_dim={dim}")
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, dict) or "hidden" not in batch or "tokens" not in batch:
@@ -201,7 +198,7 @@ class ExportMainDecoder(BestCheckpointExport):
             "global_step": int(trainer.global_step),
             "train_seconds": self.train_seconds(),
             "data": data,
-            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "decoder"},
+            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "net"},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         decoder = pl_module.decoder

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsd.tokenizer.layout import NUM_LAYERS, NUM_LEVELS, NUM_POSITIONS
+from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
 MAIN_DECODER_FORMAT = "rsd.main_decoder"
 MAIN_DECODER_FORMAT_VERSION = 1
@@ -264,8 +265,10 @@ def _config_and_state_from(payload: dict, path: Path) -> tuple[dict, dict]:
         return dict(payload["config"]), payload["state_dict"]
     if "state_dict" in payload and "hyper_parameters" in payload:  # a Lightning checkpoint of MainDecoderLitModule
         hp = payload["hyper_parameters"]
-        if isinstance(hp.get("decoder"), dict):  # MainDecoderLitModule(decoder={...})
-            hp = hp["decoder"]
+        for key in ("net", "decoder"):  # MainDecoderLitModule(net={...}); "decoder" in checkpoints before 2026-12
+            if isinstance(hp.get(key), dict):
+                hp = hp[key]
+                break
         cfg_keys = set(inspect.signature(RFSQMainDecoder.__init__).parameters) - {"self"}
         config = {k: hp[k] for k in cfg_keys if k in hp}
         state = {k[len("decoder."):]: v for k, v in payload["state_dict"].items() if k.startswith("decoder.")}
@@ -276,25 +279,40 @@ def _config_and_state_from(payload: dict, path: Path) -> tuple[dict, dict]:
                      f"MainDecoderLitModule .ckpt; top-level keys: {sorted(payload)[:10]})")
 
 
-def load_main_decoder(path: str | Path, map_location: str | torch.device = "cpu") -> RFSQMainDecoder:
-    """Build an :class:`RFSQMainDecoder` from ``main_decoder.pt`` (or a Lightning ``.ckpt``), in eval mode.
-
-    Raises ``FileNotFoundError`` for a missing file and :class:`MainDecoderCheckpointError` (a
-    ``ValueError``) with the reason for a truncated, foreign or mismatched one.
-    """
+def _read_payload(path: str | Path, map_location: str | torch.device, trust: bool) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"main decoder file not found: {path} (train one with `python train.py "
                                 f"experiment=main_head`; it is exported as <run>/main_decoder.pt)")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # noqa: BLE001 - maybe a Lightning .ckpt with non-tensor objects; retry below
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # truncated zip, pickle garbage, ...
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            raise MainDecoderCheckpointError(f"{path}: could not be read as a torch file ({type(exc).__name__}: "
-                                             f"{msg}); truncated or corrupt? Re-export or retrain it.") from exc
+        payload = load_torch_file(path, map_location, trust=trust, what="main decoder",
+                                  opt_in="policy.trust_checkpoints=true")
+    except UntrustedFileError as exc:
+        raise MainDecoderCheckpointError(str(exc)) from exc
+    except Exception as exc:  # truncated zip, pickle garbage, ...
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise MainDecoderCheckpointError(f"{path}: could not be read as a torch file ({type(exc).__name__}: "
+                                         f"{msg}); truncated or corrupt? Re-export or retrain it.") from exc
+    if not isinstance(payload, dict):
+        raise MainDecoderCheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
+    return payload
+
+
+def read_main_decoder_metadata(path: str | Path, trust: bool = False) -> dict:
+    """Everything a main decoder file records except its weights (``data``: the cache it was trained on)."""
+    return {k: v for k, v in _read_payload(path, "cpu", trust).items() if k != "state_dict"}
+
+
+def load_main_decoder(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
+                      ) -> RFSQMainDecoder:
+    """Build an :class:`RFSQMainDecoder` from ``main_decoder.pt`` (or a Lightning ``.ckpt``), in eval mode.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`MainDecoderCheckpointError` (a
+    ``ValueError``) with the reason for a truncated, foreign or mismatched one, or for a file that needs
+    full unpickling when ``trust`` is false (see :mod:`rsd.utils.serialization`).
+    """
+    path = Path(path)
+    payload = _read_payload(path, map_location, trust)
     if not isinstance(payload, dict):
         raise MainDecoderCheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
     config, state = _config_and_state_from(payload, path)

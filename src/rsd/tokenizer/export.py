@@ -55,7 +55,7 @@ class ExportTokenizer(BestCheckpointExport):
             "global_step": int(trainer.global_step),
             "train_seconds": train_seconds,
             "val_mse_by_layers": mse,
-            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "tokenizer"},
+            "hparams": {k: v for k, v in dict(pl_module.hparams).items() if k != "net"},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         tok.save(out, metadata=metadata)

@@ -28,9 +28,3 @@ def layers_to_codes(layers: torch.Tensor, chunk_len: int = CHUNK_LEN) -> torch.T
     """``[B, L, T*D]`` -> ``[B, T, D, L]``."""
     b, n, p = layers.shape
     return layers.reshape(b, n, chunk_len, p // chunk_len).permute(0, 2, 3, 1)
-
-
-def layers_to_main(layers: torch.Tensor, chunk_len: int = CHUNK_LEN) -> torch.Tensor:
-    """``[B, L, T*D]`` -> ``[B, L, T, D]``."""
-    b, n, p = layers.shape
-    return layers.reshape(b, n, chunk_len, p // chunk_len)

@@ -5,8 +5,8 @@ linear path + residual MLP) -> latent ``[B, 8, 16]`` clipped to ``[-1, 1]`` -> r
 (``ResidualFSQ``: 8 layers x 7 levels, fixed per-layer scales) -> decoder (linear path + residual
 MLP) -> normalized actions -> unnormalize.
 
-Unlike the upstream implementation (which normalized each residual by batch statistics it never
-stored), every layer ``k`` here quantizes ``residual / s_k`` with the fixed scale ``s_k = levels**-k``,
+Residuals are never normalized by batch statistics (which a decoder could not reproduce from the codes
+alone): every layer ``k`` here quantizes ``residual / s_k`` with the fixed scale ``s_k = levels**-k``,
 so the codes alone determine the decoded latent: ``dequantize(codes)`` reproduces the quantized latent
 of the forward pass bit for bit (see ``ResidualFSQ``).
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,3 +43,16 @@ def find_latest_last_ckpt(log_dir: str | Path, task_name: str) -> Path | None:
     runs = Path(log_dir) / task_name / "runs"
     candidates = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     return candidates[-1] if candidates else None
+
+
+def net_config(net: Any) -> dict:
+    """A LightningModule's ``net`` argument (the constructor arguments of the ``nn.Module`` it trains) as a
+    plain dict: every LightningModule of the package takes its model config this one way, and plain
+    Python keeps its checkpoints loadable with ``weights_only=True``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(net, DictConfig):
+        net = OmegaConf.to_container(net, resolve=True)
+    net = dict(net or {})
+    net.pop("_target_", None)
+    return net

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import torch
+
+from rsd.utils.serialization import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,19 @@ class BestCheckpointExport(L.Callback):
         """Seconds since the fit started (None when ``on_fit_start`` did not run)."""
         return None if self._t0 is None else time.time() - self._t0
 
+    @staticmethod
+    def read_best_checkpoint(trainer: L.Trainer, map_location: Any = "cpu") -> tuple[str, float | None, dict | None]:
+        """``(path, score, checkpoint dict)`` of the run's best checkpoint (``""``, score, None without one)."""
+        best, score = best_checkpoint(trainer)
+        ckpt = load_torch_file(best, map_location, what="Lightning checkpoint") if best else None
+        return best, score, ckpt
+
     def load_best_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str, float | None]:
         """Load the best checkpoint's weights into ``pl_module`` -> ``(path, score)``; path ``""``: final weights."""
         name = type(self).__name__
-        best, score = best_checkpoint(trainer)
-        if best:
-            # our own trainer's checkpoint (holds hyper-parameters, not only tensors)
-            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
+        best, score, ckpt = self.read_best_checkpoint(trainer, pl_module.device)
+        if ckpt is not None:
+            pl_module.load_state_dict(ckpt["state_dict"])
             log.info("%s: weights from best checkpoint %s", name, best)
         else:
             log.warning("%s: no best checkpoint; exporting the final weights", name)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from rsd.models.backbones.base import Backbone, BackboneError
+from rsd.utils.device import DeviceUnavailableError as _DeviceUnavailableError
+from rsd.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class HiddenDimMismatchError(VLMBackboneError):
     """The model's hidden size differs from the one the cache / draft / config expects."""
 
 
-class DeviceUnavailableError(VLMBackboneError):
+class DeviceUnavailableError(VLMBackboneError, _DeviceUnavailableError):
     """The requested device (e.g. ``cuda``) does not exist on this machine."""
 
 
@@ -119,28 +121,6 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA request without a GPU raises."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise DeviceUnavailableError(f"invalid device {device!r} ({err}); use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailableError(
-                f"device {device!r} was requested but this machine has no usable CUDA GPU (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda or 'none'}): use backbone.device=cpu (slow, float32) or "
-                "backbone.device=auto, or run on a GPU machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceUnavailableError(f"device {device!r} was requested but only {torch.cuda.device_count()} "
-                                         "CUDA device(s) are visible")
-    elif dev.type not in ("cpu", "mps"):
-        raise DeviceUnavailableError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on a GPU, float32 on a CPU."""
     if isinstance(dtype, torch.dtype):
@@ -179,7 +159,7 @@ def check_hidden_dim(backbone: Backbone, expected: int | None, where: str = "the
         raise HiddenDimMismatchError(
             f"the backbone {backbone.backbone_id} produces hidden states of size {backbone.hidden_dim}, but "
             f"{where} expects {int(expected)}. Use the model the cache/draft was built with, or set "
-            f"backbone.hidden_dim={backbone.hidden_dim} (and model.input_dim) and rebuild the feature cache "
+            f"backbone.hidden_dim={backbone.hidden_dim} (and model.net.input_dim) and rebuild the feature cache "
             "and retrain the draft/main models for this model")
 
 
@@ -284,7 +264,10 @@ class HFVLMBackbone(Backbone):
         self.attn_implementation = attn_implementation
         self.trust_remote_code = bool(trust_remote_code)
         self._check_options()
-        self._device = resolve_device(self.requested_device)
+        try:
+            self._device = resolve_device(self.requested_device)
+        except _DeviceUnavailableError as err:  # the backbone's own error type, as its callers expect
+            raise DeviceUnavailableError(str(err)) from err
         self._model_dtype = resolve_dtype(self.requested_dtype, self._device)
         self.path = check_model_dir(self.model_path, self.name)
         self.model_digest = model_files_digest(self.path)

@@ -2,8 +2,7 @@
 
 The directory is a download of the model repository (e.g. ``openvla/openvla-7b-finetuned-libero-spatial``
 or an OpenVLA-OFT LIBERO checkpoint): ``config.json`` whose ``auto_map`` names the remote code
-(``modeling_prismatic.py``, ``configuration_prismatic.py``, ``processing_prismatic.py`` next to the
-weights), the weights, and the processor/tokenizer files. It is loaded with ``trust_remote_code=True``
+(the model's own ``*.py`` files next to the weights), the weights, and the processor/tokenizer files. It is loaded with ``trust_remote_code=True``
 through the Auto class its ``auto_map`` names (``AutoModelForVision2Seq`` on transformers 4.x; the
 class itself is resolved from ``auto_map`` where the Auto class no longer exists), in bfloat16 on a GPU
 and float32 on a CPU.

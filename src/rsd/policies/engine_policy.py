@@ -1,184 +1,43 @@
-"""The policy interface that the LIBERO evaluation drives, and the factories that build policies.
+"""The learned policy: backbone -> speculative engine -> RFSQ decode, and how its files are found.
 
-The harness (``rsd.eval.rollout`` / ``rsd.eval.runner``) only knows :class:`ChunkPolicy`: ``reset`` at the
-start of an episode, ``act`` whenever the previous action chunk has been executed. Worker processes
-build their own policy from a *policy spec*, a plain picklable dict::
-
-    {"factory": "engine", ...options}      # a registered name (see FACTORIES)
-    {"factory": "my.module.make_policy", ...options}   # or any importable ``f(spec: dict) -> ChunkPolicy``
-
-so the models are loaded once per worker process and never pickled.
-
-Conventions of ``act``:
-- ``obs`` is the raw LIBERO observation dict (images, when rendered, are upside down as LIBERO gives
-  them: flipping ``[::-1, ::-1]`` and resizing is the policy's/backbone's job).
-- policies that read privileged simulator state may define ``bind_env(env)``; the rollout calls it
-  before every episode.
-- it returns ``(actions [T, 7] in env units, stats)``; the harness executes the T steps open loop and
-  binarizes the gripper. ``stats`` holds numbers about this inference (engine statistics, see
-  :data:`ENGINE_STAT_KEYS`); they are summed over the episode.
+``ckpt=best`` resolves to the newest draft export; the main decoder and tokenizer default to the ones
+trained on the same feature cache as the draft (recorded in the checkpoints), so a policy is always
+assembled from models that saw the same features and tokens.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from rsd.envs.libero_env import TaskSpec
+from rsd.policies.base import EVAL_MODES, ChunkPolicy
+from rsd.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-MODES = ("speculative", "baseline")
 
-#: Per-inference statistics the summary knows how to report (others are summed and kept as they are).
-#: Times in milliseconds; layer counts are per chunk.
-ENGINE_STAT_KEYS = (
-    "backbone_ms", "draft_ms", "main_ms", "decode_ms", "engine_ms",
-    "drafted_layers", "accepted_layers", "main_steps", "main_steps_saved",
-)
-
-
-@runtime_checkable
-class ChunkPolicy(Protocol):
-    """What the rollout needs from a policy."""
-
-    #: True when the policy reads camera images (the env is then built with its renderer on).
-    needs_images: bool
-
-    def reset(self, task: TaskSpec, mode: str, trial: int) -> None:
-        """Start trial ``trial`` of ``task`` (init state ``trial``); ``mode`` is ``speculative`` or
-        ``baseline`` (ignored by policies without an engine). A stochastic policy should seed from
-        ``(task.task_id, trial)`` so results do not depend on which worker runs the episode."""
-
-    def act(self, obs: dict, instruction: str) -> tuple[np.ndarray, dict]:
-        """One inference: ``(actions [T, 7], stats)``."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Simple policies (no models): smoke tests of the harness
-
-
-class NoopPolicy:
-    """Holds still with the gripper open: never succeeds; measures the harness itself."""
-
-    needs_images = False
-
-    def __init__(self, chunk_len: int = 8) -> None:
-        self.chunk_len = int(chunk_len)
-
-    def reset(self, task: TaskSpec, mode: str, trial: int = 0) -> None:
-        pass
-
-    def act(self, obs: dict, instruction: str) -> tuple[np.ndarray, dict]:
-        actions = np.zeros((self.chunk_len, 7))
-        actions[:, -1] = -1.0
-        return actions, {}
-
-
-class ReplayPolicy:
-    """Replays recorded action sequences chunk by chunk (open loop).
-
-    ``actions`` is one ``[T, 7]`` sequence for every episode, or ``{task_id: [T, 7]}`` / a ``.npy``/``.npz``
-    path. After the sequence ends it holds still with the last gripper command.
-    """
-
-    needs_images = False
-
-    def __init__(self, actions: Any, chunk_len: int = 8) -> None:
-        self.chunk_len = int(chunk_len)
-        self._sequences = _load_actions(actions)
-        self._seq = np.zeros((0, 7))
-        self._t = 0
-
-    def reset(self, task: TaskSpec, mode: str, trial: int = 0) -> None:
-        seqs = self._sequences
-        if isinstance(seqs, dict):
-            key = task.task_id if task.task_id in seqs else str(task.task_id)
-            if key not in seqs:
-                raise KeyError(f"ReplayPolicy has no actions for task {task.task_id}")
-            seqs = seqs[key]
-        self._seq = np.asarray(seqs, dtype=np.float64).reshape(-1, 7)
-        self._t = 0
-
-    def act(self, obs: dict, instruction: str) -> tuple[np.ndarray, dict]:
-        chunk = self._seq[self._t: self._t + self.chunk_len]
-        self._t += self.chunk_len
-        if len(chunk) < self.chunk_len:
-            hold = np.zeros((self.chunk_len - len(chunk), 7))
-            hold[:, -1] = self._seq[-1, -1] if len(self._seq) else -1.0
-            chunk = np.concatenate([chunk, hold]) if len(chunk) else hold
-        return chunk, {}
-
-
-def _load_actions(actions: Any) -> Any:
-    if isinstance(actions, str):
-        data = np.load(actions, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
-            return {k: data[k] for k in data.files}
-        return data
-    if isinstance(actions, Mapping):
-        return {k: np.asarray(v, dtype=np.float64) for k, v in actions.items()}
-    return np.asarray(actions, dtype=np.float64)
-
-
-class ExpertPolicy:
-    """Helper-1's scripted privileged-state expert (``rsd.envs.expert``) as a chunk policy.
-
-    The expert reads ``env.sim``, so the rollout hands it the env (:meth:`bind_env`); it is built at the
-    first ``act`` of an episode, i.e. after ``reset``/``set_init_state`` and the warm-up, as the expert
-    expects. It is closed loop: with ``chunk_len=1`` (the default) this *is* the expert; with a longer
-    chunk its current action is held for the whole chunk (open loop, degrades it).
-    """
-
-    needs_images = False
-
-    def __init__(self, chunk_len: int = 1, **config: Any) -> None:
-        self.chunk_len = int(chunk_len)
-        self.config = config
-        self._env = None
-        self._task: TaskSpec | None = None
-        self._expert = None
-
-    def bind_env(self, env: Any) -> None:
-        self._env = env
-
-    def reset(self, task: TaskSpec, mode: str, trial: int = 0) -> None:
-        self._task = task
-        self._expert = None
-
-    def act(self, obs: dict, instruction: str) -> tuple[np.ndarray, dict]:
-        if self._expert is None:
-            from rsd.envs.expert import ExpertConfig, make_expert
-
-            if self._env is None or self._task is None:
-                raise RuntimeError("ExpertPolicy needs bind_env(env) and reset(task) before act")
-            self._expert = make_expert(self._env, self._task, ExpertConfig(**self.config))
-        action = np.asarray(self._expert.act(obs), dtype=np.float64).reshape(1, 7)
-        return np.repeat(action, self.chunk_len, axis=0), {}
-
-
-# --------------------------------------------------------------------------------------------------
-# The real policy: backbone -> speculative engine -> RFSQ decode
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
-def _draft_identity(draft_path: str) -> dict:
+def _draft_identity(draft_path: str, trust: bool = False) -> dict:
     """The cache identity a draft checkpoint records (``{}`` for original-project files)."""
     from rsd.models.checkpoint import load_draft_checkpoint
 
-    _, info = load_draft_checkpoint(draft_path)
+    _, info = load_draft_checkpoint(draft_path, trust=trust)
     return dict(info.get("cache_manifest") or {})
+
+
+def training_cache_dirs(spec: Mapping[str, Any]) -> list[str]:
+    """The feature caches the spec's draft and main model were trained on (what an evaluation must be
+    held out from); a model that records none contributes nothing."""
+    from rsd.models.main_decoder import read_main_decoder_metadata
+
+    trust = bool(spec.get("trust_checkpoints"))
+    dirs = [_draft_identity(spec["ckpt"], trust).get("cache_dir")]
+    if spec.get("main_ckpt"):
+        dirs.append((read_main_decoder_metadata(spec["main_ckpt"], trust=trust).get("data") or {}).get("cache_dir"))
+    return [d for d in dirs if d]
 
 
 def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
@@ -190,9 +49,8 @@ def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
     """
     from pathlib import Path
 
-    import torch
-
     from rsd import PROJECT_ROOT
+    from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
     root = Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
     candidates = (list(root.glob("main_head/runs/*/main_decoder.pt"))
@@ -201,8 +59,12 @@ def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
     want = {k: identity.get(k) for k in ("backbone_id", "tokenizer", "suite") if identity.get(k)}
     rejected = []
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False).get("data") or {}
+        try:  # discovery never unpickles: a candidate that needs it is skipped, not run
+            data = load_torch_file(path, what="main decoder candidate").get("data") or {}
+        except UntrustedFileError:
+            rejected.append(f"{path} (holds Python objects; not inspected, pass policy.main_ckpt=<path> and "
+                            "policy.trust_checkpoints=true to use it)")
+            continue
         except Exception as exc:  # unreadable candidates are skipped, and named if nothing matches
             rejected.append(f"{path} (unreadable: {exc})")
             continue
@@ -240,7 +102,7 @@ def resolve_engine_spec(spec: Mapping[str, Any]) -> dict:
 
     spec = dict(spec)
     spec["ckpt"] = str(resolve_draft_checkpoint(spec.get("ckpt") or "best", spec.get("log_dir")))
-    identity = _draft_identity(spec["ckpt"])
+    identity = _draft_identity(spec["ckpt"], bool(spec.get("trust_checkpoints")))
     suite = spec.get("suite")
     if identity.get("suite") and suite and identity["suite"] != suite and not spec.get("allow_other_suite"):
         raise ValueError(f"the draft {spec['ckpt']} was trained on {identity['suite']}, not {suite} "
@@ -308,8 +170,8 @@ class EnginePolicy:
         return self.backbone([obs], [instruction])
 
     def engine_for(self, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in EVAL_MODES:
+            raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
         if mode not in self._engines:
             from rsd.engine.rsd_engine import RSDInferenceEngine
 
@@ -348,6 +210,9 @@ class EnginePolicy:
 def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     """Backbone + draft + main model + tokenizer as a :class:`ChunkPolicy` (see :class:`EnginePolicy`).
 
+    Checkpoints load with ``weights_only`` semantics; ``trust_checkpoints: true`` allows files that need
+    full unpickling (e.g. an original-project draft holding Python objects), i.e. running their code.
+
     ``spec`` keys: ``ckpt`` (draft checkpoint path or ``best``), ``log_dir``, ``main_ckpt`` / ``tokenizer``
     (null: found as in :func:`resolve_engine_spec`), ``backbone`` (null: from the draft's cache manifest),
     ``device``, ``acceptance`` / ``delta`` / ``tau``, ``chunk_len``, ``accelerate`` (``eager`` | ``compile`` |
@@ -359,15 +224,16 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
 
     if not spec.get("main_ckpt") or not spec.get("tokenizer") or str(spec.get("ckpt")) == "best":
         spec = resolve_engine_spec(spec)
-    device = resolve_device(spec.get("device"))
-    draft, info = load_draft_checkpoint(spec["ckpt"], map_location=device)
+    device = str(resolve_device(spec.get("device")))
+    trust = bool(spec.get("trust_checkpoints"))
+    draft, info = load_draft_checkpoint(spec["ckpt"], map_location=device, trust=trust)
     identity = dict(info.get("cache_manifest") or {})
     backbone = _build_backbone(spec, identity)
     tokenizer = RFSQTokenizer.load(spec["tokenizer"], map_location=device)
     if identity.get("tokenizer") and tokenizer.identity() != identity["tokenizer"]:
         raise ValueError(f"tokenizer {spec['tokenizer']} ({tokenizer.identity()}) is not the one the draft's "
                          f"tokens came from ({identity['tokenizer']})")
-    main = load_main_decoder(spec["main_ckpt"], map_location=device)
+    main = load_main_decoder(spec["main_ckpt"], map_location=device, trust=trust)
     for name, dim in (("draft", draft.input_dim), ("main decoder", main.input_dim)):
         if dim != backbone.hidden_dim:
             raise ValueError(f"the {name} expects hidden states of size {dim}, the backbone "
@@ -380,84 +246,3 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
                         accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
                         info={"draft": spec["ckpt"], "main": spec["main_ckpt"], "tokenizer": spec["tokenizer"],
                               "backbone_id": backbone.backbone_id})
-
-
-def resolve_policy_spec(spec: Mapping[str, Any]) -> dict:
-    """Resolve moving references (``ckpt: best``) to concrete paths once, in the main process.
-
-    The result is what workers receive and what the output folder records, so a resumed run checks
-    that it continues with the same checkpoints.
-    """
-    spec = dict(spec)
-    if spec.get("factory") == "engine":
-        return resolve_engine_spec(spec)
-    return spec
-
-
-# --------------------------------------------------------------------------------------------------
-# Factories
-
-
-def _noop(spec: Mapping[str, Any]) -> ChunkPolicy:
-    return NoopPolicy(chunk_len=spec.get("chunk_len", 8))
-
-
-def _replay(spec: Mapping[str, Any]) -> ChunkPolicy:
-    return ReplayPolicy(spec["actions"], chunk_len=spec.get("chunk_len", 8))
-
-
-def _expert(spec: Mapping[str, Any]) -> ChunkPolicy:
-    """``expert_chunk_len`` (default 1 = closed loop; the generic ``chunk_len`` is the engine's) and any
-    ``ExpertConfig`` field (gains, geometry) from the spec; other keys are ignored."""
-    import dataclasses
-
-    from rsd.envs.expert import ExpertConfig
-
-    names = {f.name for f in dataclasses.fields(ExpertConfig)}
-    return ExpertPolicy(chunk_len=spec.get("expert_chunk_len", 1),
-                        **{k: v for k, v in spec.items() if k in names})
-
-
-FACTORIES: dict[str, Callable[[Mapping[str, Any]], ChunkPolicy]] = {
-    "noop": _noop,
-    "replay": _replay,
-    "expert": _expert,
-    "engine": build_engine_policy,
-}
-
-
-def import_object(path: str) -> Any:
-    """``"pkg.module:attr"`` or ``"pkg.module.attr"`` -> the object."""
-    if ":" in path:
-        module, attr = path.split(":", 1)
-    else:
-        module, _, attr = path.rpartition(".")
-    if not module:
-        raise ValueError(f"not an import path: {path!r}")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def build_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
-    """Build the policy a spec names (called once in every worker process)."""
-    factory_name = spec.get("factory")
-    if not factory_name:
-        raise ValueError(f"policy spec has no 'factory': {dict(spec)}")
-    factory = FACTORIES.get(factory_name) or import_object(factory_name)
-    policy = factory(spec)
-    missing = [m for m in ("reset", "act") if not callable(getattr(policy, m, None))]
-    if missing:
-        raise TypeError(f"policy from {factory_name!r} lacks {missing}")
-    return policy
-
-
-def policy_needs_images(policy: Any) -> bool:
-    return bool(getattr(policy, "needs_images", False))
-
-
-def spec_identity(spec: Mapping[str, Any], ignore: Sequence[str] = ("device", "accelerate", "adaptive")) -> dict:
-    """The parts of a spec that decide the results (what a resumed run must match; ``accelerate`` gives
-    the same tokens, like ``device`` it changes only the timings)."""
-    return {k: v for k, v in spec.items() if k not in ignore}

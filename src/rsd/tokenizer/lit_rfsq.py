@@ -14,24 +14,24 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanSquaredError
 
 from rsd.tokenizer.rfsq import RFSQTokenizer
+from rsd.utils.config import net_config
 from rsd.utils.schedules import warmup_cosine
 
 
 class RFSQLitModule(L.LightningModule):
-    def __init__(self, tokenizer: dict | None = None, lr: float = 1e-3, weight_decay: float = 1e-4,
+    """Trains the :class:`RFSQTokenizer` (``net`` = its constructor arguments) to reconstruct action chunks
+    from every prefix of its layers (quantizer dropout)."""
+
+    def __init__(self, net: dict | None = None, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_steps: int = 200, min_lr_ratio: float = 0.01, dropout_prob: float = 0.5,
                  range_weight: float = 1.0, data_init: bool = True) -> None:
         super().__init__()
-        if isinstance(tokenizer, DictConfig):
-            tokenizer = OmegaConf.to_container(tokenizer, resolve=True)
-        tokenizer = dict(tokenizer or {})
-        tokenizer.pop("_target_", None)
-        self.save_hyperparameters({"tokenizer": tokenizer, "lr": lr, "weight_decay": weight_decay,
+        tokenizer = net_config(net)
+        self.save_hyperparameters({"net": tokenizer, "lr": lr, "weight_decay": weight_decay,
                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
                                    "dropout_prob": dropout_prob, "range_weight": range_weight,
                                    "data_init": data_init})
