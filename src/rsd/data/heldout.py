@@ -13,6 +13,7 @@ the time (the max absolute difference, in metres / radians / their rates).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,9 +78,7 @@ def write_start_states(folder: Path, episodes: Sequence[Mapping[str, Any]], stat
 
 def training_scenes(cache_dir: str | os.PathLike) -> TrainingScenes:
     """The start scenes recorded by a feature cache (manifest ``episodes`` + ``start_states.npy``)."""
-    from rsd.data.cache import read_manifest
-
-    manifest = read_manifest(cache_dir)
+    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
     episodes = manifest.get("episodes") or []
     path = Path(cache_dir) / START_STATES_FILE
     states = np.load(path) if path.is_file() else None

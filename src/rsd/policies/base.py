@@ -29,8 +29,8 @@ EVAL_MODES = ("speculative", "baseline")
 #: Per-inference statistics the summary knows how to report (others are summed and kept as they are).
 #: Times in milliseconds; layer counts are per chunk.
 ENGINE_STAT_KEYS = (
-    "backbone_ms", "draft_ms", "main_ms", "decode_ms", "engine_ms",
-    "drafted_layers", "accepted_layers", "main_steps", "main_steps_saved",
+    "backbone_ms", "draft_ms", "main_ms", "check_ms", "decode_ms", "engine_ms",
+    "drafted_layers", "accepted_layers", "main_steps", "main_steps_saved", "decoded_layers",
 )
 
 

@@ -19,6 +19,10 @@ from rsd.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
+ACCEPTANCE_RULES = ("strict", "relaxed", "epsilon")
+#: Engine options the speculative and the baseline engine share (the baseline at the same depth).
+DECODING_KEYS = ("depth", "early_exit", "exit_epsilon", "chance_entropy", "tail_bounds", "draft_layers")
+
 
 def _draft_identity(draft_path: str, trust: bool = False) -> dict:
     """The cache identity a draft checkpoint records (``{}`` for original-project files)."""
@@ -143,18 +147,29 @@ class EnginePolicy:
     """Backbone -> :class:`rsd.engine.RSDInferenceEngine` (speculative or baseline) -> action chunk.
 
     One engine per evaluation mode shares the models: ``speculative`` uses the configured acceptance
-    (``strict``: lossless, ``relaxed``: delta / tau), ``baseline`` the main model alone. The ``stats`` of
-    each inference use :data:`ENGINE_STAT_KEYS` (times from the engine's timer: CUDA events on GPU).
+    (``strict``: lossless, ``relaxed``: delta / tau, ``epsilon``: action distance), ``baseline`` the main
+    model alone. ``decoding`` holds the options both modes share, so the baseline runs at the same depth
+    and exit rule: ``depth``, ``early_exit``, ``exit_epsilon``, ``chance_entropy``, ``tail_bounds``,
+    ``draft_layers`` (see ``rsd.engine.rsd_engine.RSDInferenceEngine``). The ``stats`` of each inference
+    use :data:`ENGINE_STAT_KEYS` (times from the engine's timer: CUDA events on GPU).
     """
 
     def __init__(self, backbone: Any, draft: Any, main: Any, tokenizer: Any, device: str = "cpu",
                  acceptance: str = "strict", delta: int | None = 1, tau: float | None = None,
                  chunk_len: int = 8, info: Mapping[str, Any] | None = None, accelerate: str = "eager",
-                 adaptive: bool = False) -> None:
-        if acceptance not in ("strict", "relaxed"):
-            raise ValueError(f"acceptance must be strict or relaxed, got {acceptance!r}")
+                 adaptive: bool = False, epsilon: float | None = None,
+                 decoding: Mapping[str, Any] | None = None) -> None:
+        if acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}")
+        if acceptance == "epsilon" and epsilon is None:
+            raise ValueError("policy.acceptance=epsilon needs policy.epsilon (normalized action units)")
+        unknown = sorted(set(decoding or {}) - set(DECODING_KEYS))
+        if unknown:
+            raise ValueError(f"unknown decoding options {unknown}; known: {list(DECODING_KEYS)}")
         self.backbone, self.draft, self.main, self.tokenizer = backbone, draft, main, tokenizer
         self.device, self.acceptance, self.delta, self.tau = device, acceptance, delta, tau
+        self.epsilon = epsilon
+        self.decoding = {k: v for k, v in dict(decoding or {}).items() if v is not None}
         self.chunk_len = int(chunk_len)
         self.accelerate = accelerate
         if adaptive and acceptance != "strict":
@@ -178,8 +193,8 @@ class EnginePolicy:
             self._engines[mode] = RSDInferenceEngine(
                 self.main, self.draft if mode == "speculative" else None, self.tokenizer,
                 mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
-                gripper_dim=6, backbone=self._encode, device=self.device, accelerate=self.accelerate,
-                adaptive=self.adaptive and mode == "speculative")
+                epsilon=self.epsilon, gripper_dim=6, backbone=self._encode, device=self.device,
+                accelerate=self.accelerate, adaptive=self.adaptive and mode == "speculative", **self.decoding)
             self.info[f"accelerate_{mode}"] = self._engines[mode].accelerate_info
             log.info("engine policy (%s): accelerate %s", mode, self._engines[mode].accelerate_info)
         return self._engines[mode]
@@ -195,8 +210,10 @@ class EnginePolicy:
             raise RuntimeError("the engine decoded no actions (no tokenizer)")
         actions = out.actions[0].detach().float().cpu().numpy()[: self.chunk_len]
         t = out.times
-        stats: dict[str, Any] = {f"{k}_ms": 1e3 * float(t[k]) for k in ("backbone", "draft", "main", "decode")
+        stats: dict[str, Any] = {f"{k}_ms": 1e3 * float(t[k]) for k in ("backbone", "draft", "main", "check", "decode")
                                  if k in t}
+        if out.depth is not None:
+            stats["decoded_layers"] = int(out.depth.min())
         stats["engine_ms"] = 1e3 * float(t.get("total", 0.0))
         stats["main_steps"] = int(out.main_calls)
         stats["main_steps_saved"] = int(self.engine.num_layers) - int(out.main_calls)
@@ -244,5 +261,11 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
                         acceptance=spec.get("acceptance", "strict"), delta=spec.get("delta", 1),
                         tau=spec.get("tau"), chunk_len=spec.get("chunk_len", 8),
                         accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
+                        epsilon=spec.get("epsilon"), decoding=decoding_options(spec),
                         info={"draft": spec["ckpt"], "main": spec["main_ckpt"], "tokenizer": spec["tokenizer"],
                               "backbone_id": backbone.backbone_id})
+
+
+def decoding_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's shared decoding options (:data:`DECODING_KEYS`) that are set."""
+    return {k: spec[k] for k in DECODING_KEYS if spec.get(k) is not None}
