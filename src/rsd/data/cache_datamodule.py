@@ -8,7 +8,11 @@ fancy-index per array (``Dataset.__getitems__``), not one Python call per sample
 - ``targets`` long ``[B, num_target_layers, 128]`` the draft's targets: ground-truth coarse layers
   (``targets: ground_truth``) or the main model's greedy tokens read from ``distill_tokens.npy``
   (``targets: distill``; ``[N, >=num_target_layers, 128]`` uint8, written next to the cache by the main
-  model's tooling)
+  model's tooling); with ``targets: distill_soft`` also the main model's greedy tokens
+- ``soft_targets`` float32 ``[B, num_target_layers, 128, 7]`` (``targets: distill_soft`` only): the main
+  model's distribution over each coarse layer's tokens given its own greedy prefix, memory-mapped from
+  ``distill_probs.npy`` (``python -m rsd.engine.distill --soft``); ``targets`` are then its greedy tokens, so
+  ``val/accuracy`` is agreement with the main model and ``val/gt_accuracy`` agreement with the demos
 - ``actions`` float32 ``[B, 8, 7]``
 - ``index``   long ``[B]`` frame index into the cache
 
@@ -40,23 +44,25 @@ from rsd.data.cache import (
     open_cache,
     requested_backbone_id,
 )
+from rsd.tokenizer.layout import NUM_LEVELS
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("ground_truth", "distill")
+TARGETS = ("ground_truth", "distill", "distill_soft")
 
 
 class CacheDataset(Dataset):
     """Rows ``indices`` of a memory-mapped cache; ``__getitems__`` gathers a whole batch at once."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], indices: np.ndarray, num_target_layers: int = 3,
-                 distill: np.ndarray | None = None) -> None:
+                 distill: np.ndarray | None = None, soft: np.ndarray | None = None) -> None:
         self.hidden = arrays["hidden"]
         self.tokens = arrays["tokens"]
         self.actions = arrays["actions"]
         self.indices = np.asarray(indices, dtype=np.int64)
         self.num_target_layers = num_target_layers
         self.distill = distill
+        self.soft = soft
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -72,8 +78,12 @@ class CacheDataset(Dataset):
             targets = _convert(np.ascontiguousarray(self.distill[rows][:, : self.num_target_layers]), torch.long)
         else:
             targets = tokens[:, : self.num_target_layers]
-        return {"hidden": hidden, "tokens": tokens, "targets": targets, "actions": actions,
-                "index": torch.from_numpy(rows)}
+        batch = {"hidden": hidden, "tokens": tokens, "targets": targets, "actions": actions,
+                 "index": torch.from_numpy(rows)}
+        if self.soft is not None:
+            batch["soft_targets"] = _convert(np.ascontiguousarray(self.soft[rows][:, : self.num_target_layers]),
+                                             torch.float32)
+        return batch
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([i])
@@ -106,6 +116,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     def __init__(self, cache_dir: str, batch_size: int = 512, val_batch_size: int | None = None,
                  num_workers: int = 0, targets: str = "ground_truth", distill_tokens: str | None = None,
+                 distill_probs: str | None = None,
                  num_target_layers: int = 3, tokenizer_path: str | None = None,
                  tokenizer_identity: str | None = None, backbone: Mapping[str, Any] | None = None,
                  suite: str | None = None, build_if_missing: bool = True, build: Mapping[str, Any] | None = None,
@@ -119,6 +130,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.targets = targets
         self.distill_tokens = distill_tokens
+        self.distill_probs = distill_probs
         self.num_target_layers = num_target_layers
         self.tokenizer_path = tokenizer_path
         self.tokenizer_identity = tokenizer_identity
@@ -177,8 +189,8 @@ class FeatureCacheDataModule(L.LightningDataModule):
                              "frames; both splits are needed")
         if self.max_train_frames:
             train_idx = train_idx[: int(self.max_train_frames)]
-        distill = None
-        if self.targets == "distill":
+        distill = soft = None
+        if self.targets in ("distill", "distill_soft"):
             path = Path(self.distill_tokens) if self.distill_tokens else self.cache_dir / "distill_tokens.npy"
             path = _resolve(path)
             if not path.is_file():
@@ -196,11 +208,55 @@ class FeatureCacheDataModule(L.LightningDataModule):
             sidecar = path.with_suffix(".json")
             self.distill_source = json.loads(sidecar.read_text()).get("main") if sidecar.is_file() else None
             log.info("distillation targets %s from main model %s", path, self.distill_source or "(not recorded)")
+        if self.targets == "distill_soft":
+            soft = self._open_soft_targets(manifest, arrays)
         self.manifest, self.arrays = manifest, arrays
-        self.train_set = CacheDataset(arrays, train_idx, self.num_target_layers, distill)
-        self.val_set = CacheDataset(arrays, val_idx, self.num_target_layers, distill)
+        self.train_set = CacheDataset(arrays, train_idx, self.num_target_layers, distill, soft)
+        self.val_set = CacheDataset(arrays, val_idx, self.num_target_layers, distill, soft)
         log.info("feature cache %s: %d train / %d val frames, backbone %s, tokenizer %s", self.cache_dir,
                  len(train_idx), len(val_idx), manifest["backbone"]["id"], manifest["tokenizer"]["identity"])
+
+    def _open_soft_targets(self, manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Memory-map ``distill_probs.npy`` after checking it (and its sidecar) against this cache and against
+        the greedy tokens' main model; sets ``distill_source`` to the main model it records."""
+        path = _resolve(Path(self.distill_probs) if self.distill_probs else self.cache_dir / "distill_probs.npy")
+        write = (f"`python -m rsd.engine.distill --soft --main logs/main_head/runs/<time>/main_decoder.pt "
+                 f"--cache-dir {self.cache_dir}`")
+        if not path.is_file():
+            raise CacheError(f"targets=distill_soft needs the main model's coarse-layer distributions in {path} "
+                             f"(float16 [N, {self.num_target_layers}, 128, 7]); it is missing. Write it with {write} "
+                             "or use data.targets=distill / ground_truth.")
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            raise CacheError(f"{sidecar} is missing: without it nothing says which main model {path} imitates or "
+                             f"which cache it was made for. Rewrite both with {write}.")
+        try:
+            info = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as err:
+            raise CacheError(f"{sidecar} is corrupt ({err}); rewrite it with {write}") from err
+        soft = np.load(path, mmap_mode="r")
+        n, p = int(manifest["num_frames"]), int(arrays["tokens"].shape[2])
+        if soft.ndim != 4 or soft.shape[0] != n or soft.shape[1] < self.num_target_layers or soft.shape[2] != p \
+                or soft.shape[3] != NUM_LEVELS or int(info.get("num_frames", -1)) != n:
+            raise CacheError(f"{path} has shape {soft.shape} (sidecar: {info.get('num_frames')} frames), expected "
+                             f"[{n}, >={self.num_target_layers}, {p}, {NUM_LEVELS}]: it was made for another cache; "
+                             f"rewrite it with {write}")
+        made_for = info.get("cache") or {}
+        for key, have in (("backbone_id", manifest["backbone"]["id"]), ("tokenizer", manifest["tokenizer"]["identity"]),
+                          ("created", manifest.get("created"))):
+            if made_for.get(key) is not None and have is not None and made_for[key] != have:
+                raise CacheError(f"{path} was made for a cache with {key}={made_for[key]!r}, this one has {have!r}; "
+                                 f"rewrite it with {write}")
+        main = info.get("main") or {}
+        if not main:
+            raise CacheError(f"{sidecar} does not name the main model; rewrite it with {write}")
+        greedy_sha = (self.distill_source or {}).get("sha256")
+        if greedy_sha and main.get("sha256") and greedy_sha != main["sha256"]:
+            raise CacheError(f"the greedy tokens come from main model {self.distill_source}, {path} from {main}: "
+                             f"targets and soft targets must come from one main model; rewrite both with {write}")
+        self.distill_source = main
+        log.info("soft distillation targets %s from main model %s", path, main)
+        return soft
 
     # ------------------------------------------------------------------ info for the model / export
     @property

@@ -548,7 +548,10 @@ def format_table(summary: dict[str, Any]) -> str:
         mean = r.get("mean_episode_length")
         note = "existing file" if r.get("skipped") else ""
         if r.get("failed_init_states"):
-            note = (note + "; " if note else "") + "failed init states " + ",".join(map(str, r["failed_init_states"]))
+            what = "failed attempts" if r.get("init_source") == "generated" else "failed init states"
+            note = (note + "; " if note else "") + what + " " + ",".join(map(str, r["failed_init_states"]))
+        if r.get("rejected_scenes"):
+            note = (note + "; " if note else "") + f"{r['rejected_scenes']} scenes rejected (= an official state)"
         lines.append(
             f"| {r.get('task_id')} | {r.get('name')} | {r.get('attempts', '-')} | {r.get('successes', '-')} | "
             f"{'-' if rate is None else f'{100 * rate:.1f} %'} | {'-' if mean is None else mean} | {note} |"

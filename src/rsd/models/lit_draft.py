@@ -1,7 +1,19 @@
 """``DraftLitModule``: trains ``RFSQDraftModelWithProjection`` on feature-cache batches.
 
 Loss: cross-entropy over all ``num_coarse_layers x 128`` tokens of the coarse layers L0..L2 (optionally
-weighted per layer, with label smoothing). Metrics, under ``train/`` and ``val/``:
+weighted per layer, with label smoothing). When the batch carries the main model's distributions
+(``soft_targets``, ``data.targets=distill_soft``), knowledge distillation (Hinton et al.) at temperature ``T``
+(``distill_temperature``) with weight ``alpha`` (``distill_weight``)::
+
+    loss = alpha * T^2 * KL(teacher_T || softmax(student / T)) + (1 - alpha) * CE(targets)
+
+where ``targets`` are the main model's greedy tokens. The cache stores probabilities ``p`` (temperature 1),
+not logits, so the tempered teacher is ``teacher_T = p^(1/T) / sum(p^(1/T))``, which equals
+``softmax(logits / T)`` exactly (up to the float16 rounding of ``p``). ``T^2`` keeps the gradient scale of the
+soft term independent of ``T``. Imitating the main model's whole distribution, not only its argmax, is what
+raises the agreement strict verification needs (``docs/engine.md``, "Distilling the draft").
+
+Metrics, under ``train/`` and ``val/``:
 
 - ``token_acc_L{k}``: fraction of the 128 tokens of layer k predicted right;
 - ``exact_L{k}``: fraction of samples whose whole layer k (all 128 tokens) is right -- what strict
@@ -14,6 +26,7 @@ weighted per layer, with label smoothing). Metrics, under ``train/`` and ``val/`
   monitors and the export records as ``val_accuracy``);
 - ``gt_accuracy``: the same against the demonstrations' tokens; differs from ``accuracy`` only when the
   targets are the main model's greedy tokens (``data.targets=distill``);
+- ``kl``: mean per-token ``KL(teacher_T || student_T)`` (without the ``T^2`` factor), only with soft targets;
 - ``loss``.
 
 Optimizer: AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr`` (per step). Gradient
@@ -38,6 +51,20 @@ from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+def tempered_teacher(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher probabilities ``[..., V]`` at temperature ``T``: ``p^(1/T)`` renormalized (= ``softmax(logits/T)``;
+    the cache stores probabilities, not logits). Zeros stay zero (float16 underflow of very unlikely tokens)."""
+    q = probs.float().clamp_min(0).pow(1.0 / float(temperature))
+    return q / q.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def distill_kl(probs: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token ``KL(teacher_T || softmax(student / T))`` ``[...]`` for teacher probabilities ``[..., V]``."""
+    q = tempered_teacher(probs, temperature)
+    log_s = F.log_softmax(student_logits.float() / float(temperature), dim=-1)
+    return (torch.xlogy(q, q) - q * log_s).sum(dim=-1)
+
+
 #: constructor arguments of RFSQDraftModelWithProjection (what a checkpoint's config["model"] holds)
 MODEL_KEYS = ("input_dim", "hidden_dim", "num_coarse_layers", "chunk_len", "action_hidden_dim", "grid_size",
               "num_heads", "feedforward_dim", "dropout")
@@ -49,8 +76,12 @@ class DraftLitModule(L.LightningModule):
     def __init__(self, net: dict | None = None, lr: float = 3e-4,
                  weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int | None = None, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.02,
-                 label_smoothing: float = 0.0, layer_weights: list[float] | None = None) -> None:
+                 label_smoothing: float = 0.0, layer_weights: list[float] | None = None,
+                 distill_temperature: float = 2.0, distill_weight: float = 1.0) -> None:
         super().__init__()
+        if not distill_temperature > 0 or not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"distill_temperature must be > 0 and distill_weight in [0, 1], got "
+                             f"{distill_temperature}, {distill_weight}")
         # plain python (Hydra passes ListConfig), so checkpoints load with torch.load(weights_only=True)
         betas = tuple(float(b) for b in betas)
         layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
@@ -61,7 +92,9 @@ class DraftLitModule(L.LightningModule):
         self.save_hyperparameters({"net": net, "lr": lr, "weight_decay": weight_decay, "betas": betas,
                                    "warmup_steps": warmup_steps, "warmup_fraction": warmup_fraction,
                                    "min_lr_ratio": min_lr_ratio, "label_smoothing": label_smoothing,
-                                   "layer_weights": layer_weights})
+                                   "layer_weights": layer_weights,
+                                   "distill_temperature": float(distill_temperature),
+                                   "distill_weight": float(distill_weight)})
         self.model = RFSQDraftModelWithProjection(**net)
         self.num_coarse_layers = num_coarse_layers = self.model.num_coarse_layers
         weights = torch.ones(num_coarse_layers) if layer_weights is None else torch.as_tensor(
@@ -74,6 +107,8 @@ class DraftLitModule(L.LightningModule):
         # ModuleDict keys cannot be "train" (Module.train), hence the "_metrics" suffix
         self.metrics = nn.ModuleDict({f"{stage}_metrics": nn.ModuleDict({n: MeanMetric() for n in names})
                                       for stage in ("train", "val", "test")})
+        # logged only when batches carry soft targets (an empty MeanMetric would log nan)
+        self.kl_metrics = nn.ModuleDict({stage: MeanMetric() for stage in ("fit", "val", "test")})
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict[str, Any]:
@@ -103,6 +138,15 @@ class DraftLitModule(L.LightningModule):
         ce = F.cross_entropy(logits.float().reshape(-1, g), targets.reshape(-1), reduction="none",
                              label_smoothing=self.hparams.label_smoothing).view(b, n_layers, p)
         loss = (ce.mean(dim=(0, 2)) * self.layer_weights).mean()
+        soft = batch.get("soft_targets")
+        if soft is not None:  # knowledge distillation from the main model's distributions (module docstring)
+            t, alpha = self.hparams.distill_temperature, self.hparams.distill_weight
+            kl = distill_kl(soft[:, :n_layers], logits, t)  # [B, L, P]
+            kl_loss = (kl.mean(dim=(0, 2)) * self.layer_weights).mean()
+            loss = alpha * t * t * kl_loss + (1.0 - alpha) * loss
+            kl_metric = self.kl_metrics["fit" if stage == "train" else stage]
+            kl_metric.update(kl.detach().mean(dim=(1, 2)))
+            self.log(f"{stage}/kl", kl_metric, on_step=False, on_epoch=True, batch_size=b)
         with torch.no_grad():
             pred = logits.argmax(-1)
             correct = pred == targets  # [B, L, P]
