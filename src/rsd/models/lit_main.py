@@ -20,9 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchmetrics import MeanMetric
 
+from rsd.models.layer_metrics import LayerTokenMetrics
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
 from rsd.utils.config import net_config
 from rsd.utils.export import BestCheckpointExport
@@ -30,7 +29,6 @@ from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "val", "test")
 
 
 class MainDecoderLitModule(L.LightningModule):
@@ -48,18 +46,7 @@ class MainDecoderLitModule(L.LightningModule):
         n = self.decoder.num_layers
         self.num_layers = n
         self._checked_range = False
-        # one collection per stage (keys "<stage>_metrics": "train" would shadow nn.Module.train)
-        self.stage_metrics = nn.ModuleDict({
-            f"{stage}_metrics": nn.ModuleDict({
-                **{f"acc_L{k}": MeanMetric() for k in range(n)},
-                **{f"exact_L{k}": MeanMetric() for k in range(n)},
-                "exact_all": MeanMetric(),
-            })
-            for stage in STAGES
-        })
-
-    def _metrics(self, stage: str) -> nn.ModuleDict:
-        return self.stage_metrics[f"{stage}_metrics"]
+        self.layer_metrics = LayerTokenMetrics(n)
 
     # ------------------------------------------------------------------ data checks
     def setup(self, stage: str) -> None:
@@ -95,15 +82,7 @@ class MainDecoderLitModule(L.LightningModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
                                label_smoothing=self.hparams.label_smoothing)
         b = hidden.shape[0]
-        with torch.no_grad():
-            correct = logits.argmax(-1) == tokens  # [B, 8, 128]
-            acc = correct.float().mean(-1)  # [B, 8]
-            exact = correct.all(-1)  # [B, 8]
-            m = self._metrics(stage)
-            for k in range(self.num_layers):
-                m[f"acc_L{k}"].update(acc[:, k])
-                m[f"exact_L{k}"].update(exact[:, k].float())
-            m["exact_all"].update(exact.all(-1).float())
+        self.layer_metrics.update(stage, logits, tokens)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
@@ -117,31 +96,17 @@ class MainDecoderLitModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _log_epoch(self, stage: str) -> None:
-        m = self._metrics(stage)
-        accs = []
-        for k in range(self.num_layers):
-            a = m[f"acc_L{k}"].compute()
-            accs.append(a)
-            self.log(f"{stage}/acc_L{k}", a)
-            self.log(f"{stage}/exact_L{k}", m[f"exact_L{k}"].compute())
-        self.log(f"{stage}/exact_all", m["exact_all"].compute())
-        self.log(f"{stage}/accuracy", torch.stack(accs).mean(), prog_bar=True)
-        for metric in m.values():
-            metric.reset()
-
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        self.layer_metrics.log_epoch(self, "train")
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
-            self._log_epoch("val")
+            self.layer_metrics.log_epoch(self, "val")
         else:
-            for metric in self._metrics("val").values():
-                metric.reset()
+            self.layer_metrics.reset("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        self.layer_metrics.log_epoch(self, "test")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict:

@@ -25,9 +25,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torchmetrics import MeanMetric
 
+from rsd.models.layer_metrics import LayerTokenMetrics
 from rsd.models.vla_llm_main import VLALLMMain, VLAPromptBackbone, save_vla_llm_main
 from rsd.utils.config import net_config
 from rsd.utils.export import BestCheckpointExport, best_checkpoint
@@ -35,7 +34,6 @@ from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "val", "test")
 
 
 def _plain(cfg: Any) -> dict:
@@ -67,12 +65,7 @@ class VLALLMLitModule(L.LightningModule):
         self.main = VLALLMMain(self.prompts.language_model(), **main)
         self.num_layers = self.main.num_layers
         self.strict_loading = False  # checkpoints hold the trainable weights only
-        n = self.num_layers
-        self.stage_metrics = nn.ModuleDict({
-            f"{stage}_metrics": nn.ModuleDict({**{f"acc_L{k}": MeanMetric() for k in range(n)},
-                                              **{f"exact_L{k}": MeanMetric() for k in range(n)},
-                                              "exact_all": MeanMetric()})
-            for stage in STAGES})
+        self.layer_metrics = LayerTokenMetrics(self.num_layers)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -91,14 +84,7 @@ class VLALLMLitModule(L.LightningModule):
         logits = self.main(prompt, tokens[:, : self.num_layers - 1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1),
                                label_smoothing=self.hparams.label_smoothing)
-        with torch.no_grad():
-            correct = logits.argmax(-1) == tokens
-            acc, exact = correct.float().mean(-1), correct.all(-1)
-            m = self.stage_metrics[f"{stage}_metrics"]
-            for k in range(self.num_layers):
-                m[f"acc_L{k}"].update(acc[:, k])
-                m[f"exact_L{k}"].update(exact[:, k].float())
-            m["exact_all"].update(exact.all(-1).float())
+        self.layer_metrics.update(stage, logits, tokens)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  batch_size=tokens.shape[0])
         return loss
@@ -112,30 +98,17 @@ class VLALLMLitModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _log_epoch(self, stage: str) -> None:
-        m = self.stage_metrics[f"{stage}_metrics"]
-        accs = []
-        for k in range(self.num_layers):
-            accs.append(m[f"acc_L{k}"].compute())
-            self.log(f"{stage}/acc_L{k}", accs[-1])
-            self.log(f"{stage}/exact_L{k}", m[f"exact_L{k}"].compute())
-        self.log(f"{stage}/exact_all", m["exact_all"].compute())
-        self.log(f"{stage}/accuracy", torch.stack(accs).mean(), prog_bar=True)
-        for metric in m.values():
-            metric.reset()
-
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        self.layer_metrics.log_epoch(self, "train")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            for metric in self.stage_metrics["val_metrics"].values():
-                metric.reset()
+            self.layer_metrics.reset("val")
             return
-        self._log_epoch("val")
+        self.layer_metrics.log_epoch(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        self.layer_metrics.log_epoch(self, "test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only trainable weights and metric states (a frozen 7B LLM is not copied into every .ckpt)."""
