@@ -326,12 +326,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="report", help="output folder (report.md, report.png, report.json)")
     parser.add_argument("--title", default="Evaluation report")
     parser.add_argument("--label", action="append", help="a label per folder, in order (default: folder names)")
+    parser.add_argument("--benchmark", help="a scripts/benchmark_engine.py --out JSON: also write the operating "
+                        "points (speed vs success, rsd.eval.frontier) of the folders")
+    parser.add_argument("--baseline", help="with --benchmark: the 8-layer baseline's evaluation folder")
     args = parser.parse_args(argv)
+    if bool(args.benchmark) != bool(args.baseline):
+        print("report: --benchmark and --baseline go together", file=sys.stderr)
+        return 2
     try:
         paths = build_report(args.eval_dirs, args.out, args.title, args.label)
+        if args.benchmark:
+            from rsd.eval.frontier import write_operating_points
+
+            folders = [load_eval_dir(d) for d in resolve_dirs(args.eval_dirs)]
+            paths.update({f"points_{k}": v for k, v in write_operating_points(
+                folders, load_eval_dir(args.baseline), args.benchmark, args.out).items()})
     except (FileNotFoundError, ValueError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 2
+    if "points_md" in paths:
+        print(paths["points_md"].read_text())
     print(paths["md"].read_text())
     print(f"Written: {paths['md']}, {paths['png']}, {paths['json']}")
     return 0
