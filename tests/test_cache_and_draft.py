@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -55,15 +57,23 @@ def _episode_keys(n_train: int, n_val: int, suite: str = "libero_spatial") -> li
 
 
 def make_tiny_cache(cache_dir: Path, n_train: int = 6, n_val: int = 2, length: int = 24, seed: int = 0,
-                    tokenizer: str = TOKENIZER_ID, backbone: dict | None = None) -> Path:
-    """A learnable synthetic cache: tokens are a fixed function of the hidden state."""
+                    tokenizer: str = TOKENIZER_ID, backbone: dict | None = None, classes: int | None = None) -> Path:
+    """A learnable synthetic cache: tokens are a fixed function of the hidden state (``classes``: hidden
+    states are noisy copies of that many prototypes, each with its own random token table)."""
     rng = np.random.default_rng(seed)
     backbone = backbone or BACKBONE
     keys = _episode_keys(n_train, n_val)
     n = len(keys) * length
-    hidden = rng.standard_normal((n, backbone["hidden_dim"])).astype(np.float16)
-    proj = np.random.default_rng(123).standard_normal((backbone["hidden_dim"], 8 * 128))
-    tokens = np.clip(np.round(hidden.astype(np.float64) @ proj / 8 + 3), 0, 6).astype(np.uint8).reshape(n, 8, 128)
+    if classes:
+        protos = np.random.default_rng(123).standard_normal((classes, backbone["hidden_dim"]))
+        tables = np.random.default_rng(124).integers(0, 7, (classes, 8, 128)).astype(np.uint8)
+        cls = rng.integers(0, classes, n)
+        hidden = (protos[cls] + 0.3 * rng.standard_normal((n, backbone["hidden_dim"]))).astype(np.float16)
+        tokens = tables[cls]
+    else:
+        hidden = rng.standard_normal((n, backbone["hidden_dim"])).astype(np.float16)
+        proj = np.random.default_rng(123).standard_normal((backbone["hidden_dim"], 8 * 128))
+        tokens = np.clip(np.round(hidden.astype(np.float64) @ proj / 8 + 3), 0, 6).astype(np.uint8).reshape(n, 8, 128)
     actions = rng.uniform(-1, 1, (n, 8, 7)).astype(np.float32)
     episode = np.repeat(np.arange(len(keys)), length)
     split = np.repeat([s for _, s in keys], length)
@@ -144,11 +154,26 @@ def test_sim_state_backbone_is_reproducible() -> None:
     rng = np.random.default_rng(0)
     raw = np.stack([bb.raw_features(obs, "put the bowl on the plate")] * 5) + rng.normal(0, 0.1, (5, 174))
     bb.fit(raw)
-    h = bb.encode([obs, obs], ["put the bowl on the plate"] * 2)
+    moved = {**obs, "bowl_1_pos": [0.05, 0.2, 0.9]}  # the bowl 5 cm along x
+    h = bb.encode([obs, moved], ["put the bowl on the plate"] * 2)
     assert h.shape == (2, 4096) and torch.isfinite(h).all()
     again = backbone_from_config(json.loads(json.dumps(bb.config())))
     assert again.backbone_id == bb.backbone_id
-    assert torch.equal(again.encode([obs], ["put the bowl on the plate"]), h[:1])
+    # the rebuilt backbone computes the same features. Batch 1 vs batch 2 of the same float32 matrix product
+    # rounds differently on some CPUs (8.3e-7 seen on an Intel Xeon; values are of order 1): atol 1e-5
+    one = again.encode([obs], ["put the bowl on the plate"])
+    assert torch.allclose(one, h[:1], atol=1e-5, rtol=0)
+    assert torch.equal(one, again.encode([obs], ["put the bowl on the plate"]))  # the same computation
+    # features move with the object: the bowl's raw position features change by exactly its move, the
+    # robot's do not, and the hidden state moves far beyond float rounding
+    names = bb.feature_names
+    delta = bb.raw_features(moved, "put the bowl on the plate") - bb.raw_features(obs, "put the bowl on the plate")
+    assert delta[names.index("interest0.pos.x")] == pytest.approx(0.05)
+    assert delta[names.index("interest0.rel_eef.x")] == pytest.approx(0.05)
+    assert delta[names.index("interest1_minus_interest0.x")] == pytest.approx(-0.05)
+    assert delta[names.index("eef_pos.x")] == 0 and delta[names.index("interest1.pos.x")] == 0
+    assert float((h[1] - h[0]).abs().max()) > 0.1
+    assert float((again.encode([moved], ["put the bowl on the plate"]) - h[1]).abs().max()) < 1e-5
     with pytest.raises(Exception, match="unknown task"):
         bb.encode([obs], ["another task"])
 
@@ -236,6 +261,32 @@ def test_fast_dev_run_draft_proj_and_export(tmp_path: Path) -> None:
     assert checkpoint_cli(["inspect", str(out)]) == 0
 
 
+class FirstWeights(L.Callback):
+    """Saves the weights, epoch and step the first training batch starts from (after any resume)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if not self.done:
+            self.done = True
+            torch.save({"epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                        "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+                       self.path)
+
+
+def _first_weights(path: Path) -> list[str]:
+    return [f"+callbacks.first_weights._target_={__name__}.FirstWeights", f"+callbacks.first_weights.path={path}"]
+
+
+def _csv_epochs(run: Path, metric: str) -> list[int]:
+    import pandas as pd
+
+    rows = pd.read_csv(run / "csv" / "metrics.csv")
+    return sorted(int(e) for e in rows.loc[rows[metric].notna(), "epoch"])
+
+
 def test_train_checkpoint_export_and_resume(tmp_path: Path) -> None:
     cache = make_tiny_cache(tmp_path / "cache")
     cfg = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=2", "model.lr=3e-3"))
@@ -251,11 +302,40 @@ def test_train_checkpoint_export_and_resume(tmp_path: Path) -> None:
     # the optimizer state loads into a plain AdamW over the model's parameters (original usage)
     opt = torch.optim.AdamW(model.parameters())
     opt.load_state_dict(info["optimizer_state_dict"])
-    # ckpt_path=auto resumes from last.ckpt and continues to epoch 3
-    cfg2 = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=3", "ckpt_path=auto", run="r2"))
+    assert _csv_epochs(run, "val/accuracy") == [0, 1]
+    last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 10)  # 144 frames / batch 32 = 5 steps per epoch
+    # ckpt_path=auto resumes from r1's last.ckpt and continues to epoch 3
+    cfg2 = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=3", "ckpt_path=auto",
+                                     *_first_weights(tmp_path / "first.pt"), run="r2"))
     _train(cfg2)
-    resumed = torch.load(tmp_path / "logs/draft_proj/runs/r2/checkpoints/last.ckpt", weights_only=False)
-    assert resumed["epoch"] == 2  # epochs 0, 1 from the first run, 2 from the resumed one
+    r2 = tmp_path / "logs/draft_proj/runs/r2"
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    # the resumed run starts where the checkpoint stopped: its epoch, its step, its weights
+    assert (first["epoch"], first["global_step"]) == (2, 10)
+    assert set(first["state_dict"]) == set(last["state_dict"])
+    assert all(torch.equal(first["state_dict"][k], v) for k, v in last["state_dict"].items())
+    # and trains only the epochs after it (a run from scratch would log epochs 0, 1, 2)
+    assert _csv_epochs(r2, "val/accuracy") == [2]
+    resumed = torch.load(r2 / "checkpoints/last.ckpt", weights_only=False)
+    assert (resumed["epoch"], resumed["global_step"]) == (2, 15)
+
+
+def test_draft_learns_a_learnable_cache(tmp_path: Path) -> None:
+    """The draft LightningModule learns: on a cache whose tokens are a fixed function of the hidden state,
+    validation accuracy ends far above what no learning gives (the most frequent token of each position)."""
+    cache = make_tiny_cache(tmp_path / "cache", n_train=12, n_val=4, classes=6)
+    _, arrays = open_cache(cache)
+    split = np.asarray(arrays["split"])
+    tokens = np.asarray(arrays["tokens"])[:, :3].astype(np.int64)  # the coarse layers L0..L2
+    train_tok, val_tok = tokens[split == 0], tokens[split == 1]
+    counts = np.stack([(train_tok == v).sum(0) for v in range(7)])  # [7, 3, 128]
+    majority = (val_tok == counts.argmax(0)).mean()  # the best input-independent guess, learnt from train
+    cfg = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=5", "model.lr=3e-3",
+                                    "model.net.dropout=0.0", "callbacks.model_checkpoint=null"))
+    metrics = _train(cfg)
+    acc = float(metrics["val/accuracy"])
+    assert majority < 0.5 and acc > majority + 0.3, (acc, majority)
 
 
 def test_datamodule_rejects_wrong_input_dim(tmp_path: Path) -> None:
@@ -276,16 +356,44 @@ def _original_file(path: Path, **model_kwargs) -> tuple[Path, RFSQDraftModelWith
     return path, model
 
 
+ORIGINAL_PARAMS = Path(__file__).parent / "fixtures" / "original_draft_params.json"
+
+
+def _file_from_param_list(path: Path) -> dict[str, torch.Tensor]:
+    """An original-project draft file built from the committed parameter list (not from this package's
+    class): random tensors of the listed names and shapes, an AdamW state over them, epoch, val_accuracy."""
+    g = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=g) * 0.02 for name, shape in json.loads(ORIGINAL_PARAMS.read_text())
+             ["params"]}
+    params = [torch.nn.Parameter(t.clone()) for t in state.values()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    torch.save({"model_state_dict": state, "optimizer_state_dict": opt.state_dict(), "epoch": 7,
+                "val_accuracy": 0.5123}, path)
+    return state
+
+
 def test_load_original_format(tmp_path: Path, capsys) -> None:
-    path, ref = _original_file(tmp_path / "best_draft_with_projection.pt")
+    path = tmp_path / "best_draft_with_projection.pt"
+    listed = json.loads(ORIGINAL_PARAMS.read_text())["params"]
+    state = _file_from_param_list(path)
     model, info = load_draft_checkpoint(path)
     assert info["format"] == "original" and info["config_source"] == "inferred"
     assert info["epoch"] == 7 and abs(info["val_accuracy"] - 0.5123) < 1e-9
-    assert info["model_config"]["input_dim"] == 4096 and info["num_parameters"] == sum(
-        p.numel() for p in ref.parameters())
-    ref.eval()
+    assert info["model_config"]["input_dim"] == 4096 and info["model_config"]["hidden_dim"] == 512
+    # the model has exactly the original's parameters, in the original's order, and holds the file's values
+    assert [[k, list(v.shape)] for k, v in model.state_dict().items()] == listed
+    assert info["num_parameters"] == sum(math.prod(shape) for _, shape in listed)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # the optimizer state loads into a plain AdamW over the model's parameters (the original's usage)
+    torch.optim.AdamW(model.parameters()).load_state_dict(info["optimizer_state_dict"])
     x = torch.randn(3, 4096)
-    assert torch.equal(model(x), ref(x))
+    out = model(x)
+    assert out.shape == (3, 3, 128, 7) and torch.equal(out, model(x))  # eval mode: no dropout
+    ref = RFSQDraftModelWithProjection()
+    ref.load_state_dict(state)
+    assert torch.equal(out, ref.eval()(x))  # the same weights in the same class: the same computation
     out = inspect_checkpoint(str(path))
     assert out["has_input_projection"] and out["input_projection.weight"] == [512, 4096]
     assert checkpoint_cli(["inspect", str(path)]) == 0
@@ -295,6 +403,56 @@ def test_load_original_format(tmp_path: Path, capsys) -> None:
     path2, _ = _original_file(tmp_path / "small.pt", input_dim=96, hidden_dim=128, feedforward_dim=256)
     _, info2 = load_draft_checkpoint(path2)
     assert (info2["model_config"]["input_dim"], info2["model_config"]["hidden_dim"]) == (96, 128)
+
+
+class _Marker:
+    """Unpickling this object runs code: it writes ``path`` (how a crafted checkpoint would act)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.path)!r}, 'w').write('unpickled')",)
+
+
+def test_checkpoints_holding_code_are_refused_unless_trusted(tmp_path: Path, capsys) -> None:
+    from rsd.models.main_decoder import (
+        MainDecoderCheckpointError,
+        RFSQMainDecoder,
+        load_main_decoder,
+        save_main_decoder,
+    )
+    from rsd.policies.engine_policy import find_main_decoder
+
+    marker = tmp_path / "marker.txt"
+    # a draft file (original format) with one extra entry whose unpickling would run code
+    draft_path, _ = _original_file(tmp_path / "draft.pt", input_dim=32, hidden_dim=32, feedforward_dim=32)
+    payload = torch.load(draft_path, weights_only=True)
+    torch.save({**payload, "args": _Marker(marker)}, draft_path)
+    # a main decoder export with the same, in the place checkpoint discovery looks
+    identity = {"backbone_id": "bb", "tokenizer": "tok", "suite": "libero_spatial"}
+    logs = tmp_path / "logs"
+    main_path = save_main_decoder(RFSQMainDecoder(input_dim=32, d_model=32, num_blocks=1, num_heads=2, ff_dim=32),
+                                  logs / "main_head/runs/x/main_decoder.pt", data=identity)
+    payload = torch.load(main_path, weights_only=True)
+    torch.save({**payload, "note": _Marker(marker)}, main_path)
+
+    with pytest.raises(DraftCheckpointError, match="policy.trust_checkpoints=true.*--trust"):
+        load_draft_checkpoint(draft_path)
+    with pytest.raises(MainDecoderCheckpointError, match="policy.trust_checkpoints=true"):
+        load_main_decoder(main_path)
+    with pytest.raises(FileNotFoundError, match="holds Python objects"):  # skipped, never unpickled
+        find_main_decoder(str(logs), identity)
+    assert checkpoint_cli(["inspect", str(draft_path)]) == 1
+    assert "--trust" in capsys.readouterr().err
+    assert not marker.exists()  # nothing ran
+    # the explicit opt-ins load them (and so run the file's code)
+    model, info = load_draft_checkpoint(draft_path, trust=True)
+    assert marker.read_text() == "unpickled" and info["epoch"] == 7
+    marker.unlink()
+    assert load_main_decoder(main_path, trust=True).config["d_model"] == 32 and marker.exists()
+    marker.unlink()
+    assert checkpoint_cli(["inspect", str(draft_path), "--trust"]) == 0 and marker.exists()
 
 
 def test_bad_checkpoints(tmp_path: Path) -> None:
@@ -366,8 +524,12 @@ def test_build_cache_from_demo_file(tmp_path: Path) -> None:
         assert manifest["num_frames"] == 16 * n_demos and manifest["num_val_episodes"] == 1
         assert manifest["tokenizer"]["identity"] == tok.identity()
         assert manifest["tasks"][0]["interest"] == ["akita_black_bowl_1", "plate_1"]
-        expected = codes_to_layers(tok.encode(torch.from_numpy(action_chunks(ep.actions)))).numpy()
-        assert np.array_equal(arrays["tokens"][:16], expected)
+        # the builder encodes all 17 x 16 chunks in one batch (batch_size 2048): the same batch here is the
+        # same computation (a batch of 16 could round the encoder differently and flip a token at a boundary)
+        chunks = torch.from_numpy(np.concatenate([action_chunks(ep.actions)] * n_demos))
+        expected = codes_to_layers(tok.encode(chunks)).numpy()
+        assert np.array_equal(arrays["tokens"], expected)
+        assert (arrays["tokens"][:16] == codes_to_layers(tok.encode(chunks[:16])).numpy()).mean() > 0.99
         # evaluation rebuilds the exact transform from the manifest
         bb = backbone_from_manifest(manifest)
         obs = env.regenerate_obs_from_state(ep.states[5])

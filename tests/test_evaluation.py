@@ -294,3 +294,81 @@ def test_engine_policy_both_modes_on_the_same_init_states(tmp_path):
     s = summarize(run.records, suite=SUITE)
     assert s["comparison"]["identical_actions"] == 1 and s["comparison"]["speedup"] > 0
     assert s["modes"]["speculative"]["engine"]["acceptance_rate"] is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume rules: another policy is refused, retry_errors reruns errored episodes, max_episodes
+
+
+class FlakyPolicy(NoopPolicy):
+    """A no-op policy that raises on the trials in ``raise_on`` while the file ``flag`` exists."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__(chunk_len=spec.get("chunk_len", 8))
+        self.raise_on = set(spec.get("raise_on") or [])
+        self.flag = Path(spec["flag"])
+        self.trial = None
+
+    def reset(self, task, mode, trial=0):
+        self.trial = trial
+
+    def act(self, obs, instruction):
+        if self.trial in self.raise_on and self.flag.exists():
+            raise RuntimeError(f"flaky failure on trial {self.trial}")
+        return super().act(obs, instruction)
+
+
+def make_flaky_policy(spec: dict) -> FlakyPolicy:
+    return FlakyPolicy(spec)
+
+
+def _evaluate_in_process(out_dir: Path, *overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    import rsd.evaluate as entry
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[f"suite={SUITE}", "tasks=[0]", "trials=2", "workers=0",
+                                                     "max_steps=8", "progress=false", "wandb=false",
+                                                     f"out_dir={out_dir}", *overrides])
+    return entry.evaluate(cfg)
+
+
+@pytest.mark.sim
+def test_evaluate_refuses_to_resume_a_folder_of_another_policy(tmp_path):
+    out = tmp_path / "out"
+    first = _evaluate_in_process(out, "policy.factory=noop", "policy.chunk_len=8")
+    assert first["complete"] and first["new_episodes"] == 2
+    before = (out / EPISODES_FILE).read_text()
+    with pytest.raises(ValueError, match="different evaluation"):  # another chunk length = another policy
+        _evaluate_in_process(out, "policy.factory=noop", "policy.chunk_len=4")
+    assert (out / EPISODES_FILE).read_text() == before  # nothing appended
+    again = _evaluate_in_process(out, "policy.factory=noop", "policy.chunk_len=8")  # the same policy resumes
+    assert again["resumed_episodes"] == 2 and again["new_episodes"] == 0
+    forced = _evaluate_in_process(out, "policy.factory=noop", "policy.chunk_len=4", "resume_check=false")
+    assert forced["resumed_episodes"] == 2  # resume_check=false appends anyway
+
+
+@pytest.mark.sim
+def test_retry_errors_and_max_episodes(tmp_path):
+    flag = tmp_path / "failing.flag"
+    flag.write_text("x")
+    spec = {"factory": "test_evaluation:make_flaky_policy", "raise_on": [0], "flag": str(flag)}
+    out = tmp_path / "out"
+    # max_episodes: only that many new episodes now, the rest on the next resume
+    part = run_evaluation(SUITE, spec, out, tasks=[0], trials=3, workers=0, max_steps=8, progress=False,
+                          max_episodes=2)
+    assert (part.total, part.new, part.skipped, len(part.records)) == (3, 2, 0, 2)
+    assert part.records[0]["error"] == "RuntimeError: flaky failure on trial 0"
+    rest = run_evaluation(SUITE, spec, out, tasks=[0], trials=3, workers=0, max_steps=8, progress=False)
+    assert (rest.new, rest.skipped) == (1, 2) and [r["trial"] for r in rest.records] == [0, 1, 2]
+    flag.unlink()  # the failure cause is gone
+    # without retry_errors the errored episode is kept; with it, it runs again and replaces the old record
+    kept = run_evaluation(SUITE, spec, out, tasks=[0], trials=3, workers=0, max_steps=8, progress=False)
+    assert kept.new == 0 and kept.records[0]["error"] is not None
+    retried = run_evaluation(SUITE, spec, out, tasks=[0], trials=3, workers=0, max_steps=8, progress=False,
+                             retry_errors=True)
+    assert (retried.new, retried.skipped) == (1, 2)
+    assert retried.records[0]["trial"] == 0 and retried.records[0]["error"] is None
+    stored = load_records(out)
+    assert sorted(r["trial"] for r in stored) == [0, 1, 2] and not any(r["error"] for r in stored)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from margins import LOGIT_MARGIN, top2_gap
 from torch.utils.data import DataLoader, Dataset
 
 from rsd import PROJECT_ROOT
@@ -66,7 +67,10 @@ def test_prefix_scoring_in_one_call_equals_kv_cached_steps():
         assert cache.length == 8
         stepwise = torch.cat(steps, dim=1)
         assert torch.allclose(full, stepwise, atol=1e-5)
-        assert torch.equal(full.argmax(-1), stepwise.argmax(-1))
+        # greedy tokens agree wherever the choice is not a near-tie (random weights; margins.py)
+        sure = top2_gap(full) > LOGIT_MARGIN
+        assert sure.float().mean() > 0.99
+        assert torch.equal(full.argmax(-1)[sure], stepwise.argmax(-1)[sure])
         # verification-style use: score a drafted prefix, drop rejected layers, continue
         for k in (1, 3, 5):
             cache = m.new_cache(4)

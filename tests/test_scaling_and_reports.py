@@ -180,9 +180,31 @@ def test_compare_tables_training_metrics_and_wandb_rows(fixture_logs, monkeypatc
     assert set(compare.layer_columns(draft)) == {"token_acc", "exact"}
     assert [layer for layer, _ in compare.layer_columns(runs.train["main_head/runs/2024-01-02_00-00-00"])["acc"]] \
         == list(range(8))
-    for fig in (compare.plot_layer_curves(runs.train), compare.plot_acceptance_vs_success(runs.evals),
-                compare.plot_latency_breakdown(runs.evals), compare.plot_success_per_task(runs.tasks)):
-        assert fig is not None
+    # the figures draw the fixture's numbers
+    import matplotlib.pyplot as plt
+
+    fig = compare.plot_layer_curves(runs.train)
+    axes = {a.get_title(): a for a in fig.axes}
+    assert set(axes) == {"val/exact_L*", "val/token_acc_L*", "val/acc_L*"}
+    assert len(axes["val/acc_L*"].lines) == 8 and len(axes["val/token_acc_L*"].lines) == 3
+    assert len(axes["val/exact_L*"].lines) == 3 + 8  # the draft's 3 layers and the main head's 8
+    assert list(axes["val/acc_L*"].lines[2].get_ydata()) == pytest.approx([0.7, 0.71])  # 0.9 - 0.1 k + 0.01 e
+    assert list(axes["val/token_acc_L*"].lines[1].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
+    plt.close(fig)
+    fig = compare.plot_latency_breakdown(runs.evals)
+    (ax,) = fig.axes
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    totals = {}
+    for patch in ax.patches:  # stacked bars: backbone + draft + main + decode per run
+        x = round(patch.get_x() + patch.get_width() / 2)
+        totals[ticks[x]] = totals.get(ticks[x], 0.0) + patch.get_height()
+    # per chunk: speculative 5 + 2 + 10 + 1 ms; baseline 5 + 0 + 40 + 1 ms
+    assert totals == pytest.approx({"relaxed delta=1": 18.0, "relaxed delta=2": 18.0, "strict": 18.0,
+                                    "baseline": 46.0})
+    plt.close(fig)
+    fig = compare.plot_success_per_task(runs.tasks)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1"]
+    plt.close(fig)
     assert compare.plot_layer_curves({}) is None
 
     # W&B: only with an API key and a mode that is not offline; its rows have the local rows' shape
@@ -395,6 +417,7 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
     import torch
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
+    from margins import LOGIT_MARGIN, top2_gap
     from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
 
     from rsd.models.checkpoint import load_draft_checkpoint
@@ -423,13 +446,17 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
     dm.setup("fit")
     model.eval()
     with torch.no_grad():
-        acc = torch.cat([(model(b["hidden"]).argmax(-1) == b["targets"][:, :3]).float().mean(-1).mean(-1)
-                         for b in dm.val_dataloader()])
+        batches = [(model(b["hidden"]), b["targets"][:, :3]) for b in dm.val_dataloader()]
+    acc = torch.cat([(logits.argmax(-1) == t).float().mean(-1).mean(-1) for logits, t in batches])
     assert len(acc) == 48
+    # two processes batch the validation frames differently: random-weight logits round differently by
+    # batch shape, so a near-tie token (margins.py) may flip; each flip moves the accuracy by 1 / 18432
+    near_ties = sum(int((top2_gap(logits) <= LOGIT_MARGIN).sum()) for logits, _ in batches)
+    tol = near_ties / (48 * 3 * 128) + 1e-6
     metrics = compare.load_train_metrics(run)
     logged = float(metrics["val/accuracy"].iloc[-1])
     # synced over both ranks = the whole validation set; rank 0 alone would have seen every other frame
-    assert logged == pytest.approx(float(acc.mean()), abs=1e-6)
+    assert logged == pytest.approx(float(acc.mean()), abs=tol)
     assert abs(float(acc[0::2].mean()) - float(acc.mean())) > 1e-4
     # checkpoints: written once (rank 0), the plain LightningModule's keys, no DDP "module." prefix
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -439,7 +466,7 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3  # 144 train frames / 2 ranks / batch 32
     exported, info = load_draft_checkpoint(run / "best_draft_with_projection.pt")
     assert info["model_config"] == model.model_config() and info["cache_manifest"]["tokenizer"] == TOKENIZER_ID
-    assert info["val_accuracy"] == pytest.approx(float(acc.mean()), abs=1e-6)
+    assert info["val_accuracy"] == pytest.approx(float(acc.mean()), abs=tol)
     assert all(torch.equal(exported.state_dict()[k[len("model."):]], v) for k, v in state.items()
                if k.startswith("model."))
 

@@ -1,28 +1,150 @@
 """The generic train.py entry point: experiment selection and resume resolution."""
 
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from rsd import PROJECT_ROOT
 from rsd.utils.config import find_latest_last_ckpt
 
 
-def test_train_without_experiment_says_what_to_run():
+def test_train_without_experiment_says_what_to_run() -> None:
     out = subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), "logger=none"],
                          capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert out.returncode != 0
     assert "experiment=draft_proj" in out.stdout + out.stderr
 
 
-def test_auto_resume_picks_newest_last_ckpt(tmp_path: Path):
+def test_auto_resume_picks_newest_last_ckpt(tmp_path: Path) -> None:
     assert find_latest_last_ckpt(tmp_path, "draft_proj") is None
-    paths = []
-    for name in ["2026-01-01_00-00-00", "2026-01-02_00-00-00"]:
+    paths = {}
+    # modification times set explicitly (no sleeping): the newest run has the alphabetically first name,
+    # so neither name order nor creation order gives the right answer by accident
+    for name, mtime in [("2026-01-03_00-00-00", 1_000_000), ("2026-01-01_00-00-00", 3_000_000),
+                        ("2026-01-02_00-00-00", 2_000_000)]:
         ckpt = tmp_path / "draft_proj" / "runs" / name / "checkpoints" / "last.ckpt"
         ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"x")
-        paths.append(ckpt)
-        time.sleep(0.01)
-    assert find_latest_last_ckpt(tmp_path, "draft_proj") == paths[-1]
+        os.utime(ckpt, (mtime, mtime))
+        paths[name] = ckpt
+    assert find_latest_last_ckpt(tmp_path, "draft_proj") == paths["2026-01-01_00-00-00"]
+    assert find_latest_last_ckpt(tmp_path, "main_head") is None  # another task's runs are not looked at
+
+
+# ------------------------------------------------------------------------------------------------ build chain
+@pytest.mark.sim
+def test_build_inputs_collects_demos_trains_tokenizer_and_builds_cache(tmp_path: Path, monkeypatch,
+                                                                       capsys) -> None:
+    """What ``make train`` does on a fresh machine, on 1 task x 3 demos: plan -> demos -> tokenizer ->
+    cache, printed first; a second plan is empty."""
+    pytest.importorskip("libero")
+    from hydra import compose, initialize_config_dir
+
+    from rsd.data import collect
+    from rsd.data.cache import open_cache
+    from rsd.data.splits import is_validation_episode
+    from rsd.tokenizer import RFSQTokenizer
+    from rsd.train import build_inputs, plan_inputs
+    from rsd.utils.config import CONFIG_DIR
+
+    real_collect = collect.collect_suite
+    calls = []
+
+    def recorded(suite: str, demos_per_task: int, **kwargs):  # the planned call, as planned
+        calls.append((suite, demos_per_task, kwargs))
+        return real_collect(suite, demos_per_task, progress=False, **kwargs)
+
+    monkeypatch.setattr(collect, "collect_suite", recorded)
+    # the tokenizer run and the cache need a validation episode among 3 demos: val_fraction 0.5 gives one
+    val = [is_validation_episode(f"libero_spatial/0/demo_{i}", 0.5) for i in range(3)]
+    assert any(val) and not all(val)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "experiment=draft_proj", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.output_dir={tmp_path / 'out'}", "data.build.demos_per_task=3", "data.build.progress=false",
+            "data.build.tasks=[0]", "data.build.workers=0", "data.build.val_fraction=0.5",
+            "data.build.tokenizer_overrides=['trainer.max_epochs=1','+trainer.max_steps=3','model.net.hidden_dim=32',"
+            "'data.val_fraction=0.5','data.batch_size=64','callbacks.progress_bar=null','trainer.accelerator=cpu']"])
+    steps = plan_inputs(cfg.data)
+    assert [s.path for s in steps] == [tmp_path / "data/demos/libero_spatial",
+                                       tmp_path / "data/tokenizers/rfsq_libero_spatial.pt",
+                                       tmp_path / "data/cache/sim_state_libero_spatial"]
+    assert not (tmp_path / "data").exists()  # planning builds nothing
+    ran = build_inputs(cfg)
+    printed = capsys.readouterr().out
+    assert "This run needs 3 input(s)" in printed
+    assert [s.what for s in ran] == [s.what for s in steps]
+    assert calls and calls[0][:2] == ("libero_spatial", 3)
+    assert calls[0][2]["tasks"] == [0] and calls[0][2]["workers"] == 0  # the config reaches the collector
+    demos = sorted((tmp_path / "data/demos/libero_spatial").glob("*_demo.hdf5"))
+    assert len(demos) == 1
+    tok = RFSQTokenizer.load(tmp_path / "data/tokenizers/rfsq_libero_spatial.pt")
+    assert tok.metadata["data"]["suite"] == "libero_spatial"
+    manifest, arrays = open_cache(tmp_path / "data/cache/sim_state_libero_spatial")
+    assert manifest["tokenizer"]["identity"] == tok.identity()
+    assert len(manifest["episodes"]) == 3 and arrays["hidden"].shape == (manifest["num_frames"], 4096)
+    assert plan_inputs(cfg.data) == [] and build_inputs(cfg) == []  # everything exists now
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ W&B
+def test_wandb_mode_detection(monkeypatch, tmp_path: Path) -> None:
+    from rsd.utils import wandb_setup
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    reached = []
+    monkeypatch.setattr(wandb_setup, "_wandb_reachable", lambda timeout=2.0: reached.append(1) or True)
+    assert wandb_setup.resolve_wandb_mode() == "offline"  # no key: offline, without trying the network
+    assert not reached
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    assert wandb_setup.resolve_wandb_mode() == "online"  # a key (netrc) and the network
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_setup.resolve_wandb_mode() == "online"
+    monkeypatch.setattr(wandb_setup, "_wandb_reachable", lambda timeout=2.0: False)
+    assert wandb_setup.resolve_wandb_mode() == "offline"  # a key but no network
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_setup.resolve_wandb_mode() == "disabled"  # the environment wins
+    assert wandb_setup.resolve_wandb_mode("offline") == "offline"  # the config value wins over both
+
+
+def test_default_logger_wandb_csv_writes_offline_run_and_csv(tmp_path: Path, monkeypatch) -> None:
+    """``train.py`` without ``logger=``: W&B (offline here: no key) and CSV, both with the run's metrics."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from hydra import compose, initialize_config_dir
+    from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
+
+    import rsd.train as entry
+    from rsd.utils.config import CONFIG_DIR
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cache = make_tiny_cache(tmp_path / "cache")
+    out = tmp_path / "run"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
+            f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+            f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={out}", "callbacks.progress_bar=null",
+            "trainer.accelerator=cpu", "trainer.max_epochs=1", "model.net.hidden_dim=32",
+            "model.net.feedforward_dim=64", "model.net.num_heads=2"])
+    assert list(cfg.logger) == ["wandb", "csv"] and cfg.logger.wandb.mode is None
+    metrics = entry.train(cfg)
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline"  # detected (no key); monkeypatch restores it afterwards
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    import pandas as pd
+
+    rows = pd.read_csv(out / "csv" / "metrics.csv")
+    assert float(rows["val/accuracy"].dropna().iloc[-1]) == pytest.approx(metrics["val/accuracy"])

@@ -54,7 +54,8 @@ def _resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def _demos_step(suite: str, demos_dir: Path, per_task: int) -> BuildStep | None:
+def _demos_step(suite: str, demos_dir: Path, per_task: int, tasks: list[int] | None = None,
+                workers: int = 2) -> BuildStep | None:
     from rsd.data.action_chunks import demo_files
     from rsd.data.collect import collect_suite
 
@@ -62,7 +63,7 @@ def _demos_step(suite: str, demos_dir: Path, per_task: int) -> BuildStep | None:
         return None
     return BuildStep(f"scripted-expert demonstrations ({per_task} per task, new initial scenes)", demos_dir / suite,
                      "no *_demo.hdf5 files there",
-                     lambda: collect_suite(suite, per_task, out_dir=str(demos_dir)))
+                     lambda: collect_suite(suite, per_task, tasks=tasks, workers=workers, out_dir=str(demos_dir)))
 
 
 def plan_inputs(data_cfg: Mapping[str, Any]) -> list[BuildStep]:
@@ -81,7 +82,8 @@ def plan_inputs(data_cfg: Mapping[str, Any]) -> list[BuildStep]:
         if not data_cfg.get("collect_missing", True):
             return []
         step = _demos_step(data_cfg.get("suite", "libero_spatial"), _resolve(data_cfg["demos_dir"]),
-                           int(data_cfg.get("demos_per_task") or 50))
+                           int(data_cfg.get("demos_per_task") or 50), data_cfg.get("collect_tasks"),
+                           int(data_cfg.get("collect_workers", 2)))
         return [step] if step else []
     if target != FEATURE_CACHE_MODULE or not data_cfg.get("build_if_missing", True):
         return []
@@ -104,7 +106,8 @@ def plan_inputs(data_cfg: Mapping[str, Any]) -> list[BuildStep]:
     demos_dir = _resolve(b.get("demos_dir") or "data/demos")
     tokenizer_path = _resolve(b.get("tokenizer_path") or data_cfg["tokenizer_path"])
     steps = []
-    demos = _demos_step(suite, demos_dir, int(b.get("demos_per_task") or 50))
+    demos = _demos_step(suite, demos_dir, int(b.get("demos_per_task") or 50), b.get("tasks"),
+                        int(b.get("workers", 2)))
     if demos:
         steps.append(demos)
     if not tokenizer_path.is_file():
@@ -116,6 +119,7 @@ def plan_inputs(data_cfg: Mapping[str, Any]) -> list[BuildStep]:
                            lambda: build_cache(suite, cache_dir, tokenizer_path, demos_dir, backbone,
                                                hidden_dtype=b.get("hidden_dtype", "float16"),
                                                max_demos_per_task=b.get("max_demos_per_task"),
+                                               val_fraction=float(b.get("val_fraction", 0.1)),
                                                progress=b.get("progress", True))))
     return steps
 

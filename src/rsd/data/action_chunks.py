@@ -125,7 +125,9 @@ class ActionChunkDataModule(L.LightningDataModule):
 
     def __init__(self, suite: str = "libero_spatial", demos_dir: str = "data/demos", chunk_len: int = CHUNK_LEN,
                  batch_size: int = 512, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
-                 demos_per_task: int = 50, gripper_dim: int | None = 6, collect_missing: bool = True) -> None:
+                 demos_per_task: int = 50, gripper_dim: int | None = 6, collect_missing: bool = True,
+                 collect_tasks: list[int] | None = None, collect_workers: int = 2) -> None:
+        # demos_per_task / collect_*: how rsd.train.build_inputs collects missing demos before fitting
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.suite = suite
