@@ -667,6 +667,7 @@ def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torc
             # strict is lossless up to float rounding: its verification scores 4 layers in one call
             "strict_equals_baseline": {"a3": bool(torch.equal(out_a3.tokens, greedy)),
                                        "a0": bool(torch.equal(out_a0.tokens, greedy)),
+                                       "a3_tokens_differing": int((out_a3.tokens != greedy).sum()),
                                        "a0_tokens_differing": int((out_a0.tokens != greedy).sum())},
             "_check": check}
 

@@ -32,3 +32,15 @@ def teacher_forced_gap(main, hidden: torch.Tensor, tokens: torch.Tensor, depth: 
     with torch.inference_mode():
         logits = main(hidden, tokens[:, :7])
     return sample_min_gap(logits[:, :depth])
+
+
+def assert_tokens_equal_up_to_near_ties(out: torch.Tensor, ref: torch.Tensor, gaps: torch.Tensor) -> None:
+    """Greedy layer tokens ``[B, L, P]`` of two call paths agree, except that the first layer where a sample
+    differs may differ only at near-ties of ``ref``'s logits (``gaps`` ``[B, L, P]`` <= ``LOGIT_MARGIN``); the
+    layers after it are conditioned on the flipped token and are not compared."""
+    for b in range(ref.shape[0]):
+        diff = (out[b] != ref[b]).any(-1).nonzero()
+        if len(diff):
+            k = int(diff[0])
+            bad = (out[b, k] != ref[b, k]) & (gaps[b, k] > LOGIT_MARGIN)
+            assert not bad.any(), f"sample {b} layer {k}: {int(bad.sum())} confident tokens differ"

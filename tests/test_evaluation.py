@@ -241,6 +241,7 @@ def _tiny_engine_artifacts(root: Path) -> dict:
     """A sim_state backbone, RFSQ tokenizer, main decoder and draft (random weights) saved the way
     training exports them, with the draft's cache identity naming the backbone."""
     import torch
+    import torch.nn.functional as F
 
     from rsd.models.backbones import build_backbone
     from rsd.models.checkpoint import save_draft_checkpoint
@@ -258,6 +259,10 @@ def _tiny_engine_artifacts(root: Path) -> dict:
                 "tokenizer": RFSQTokenizer.load(tok_path).identity(), "suite": SUITE,
                 "backbone_config": bb.config()}
     main = RFSQMainDecoder(input_dim=256, d_model=32, num_blocks=1, num_heads=2, ff_dim=64)
+    with torch.no_grad():  # a fixed level per (layer, position) leads by 20 logits: no near-ties, so strict
+        # speculation must reproduce the baseline's tokens on any CPU (rounding is ~1e-6)
+        levels = torch.randint(0, 7, (main.num_layers, main.num_positions), generator=torch.Generator().manual_seed(0))
+        main.head_bias.copy_(20.0 * F.one_hot(levels, 7).float().reshape(main.num_layers, -1))
     save_main_decoder(main, root / "logs" / "main_head" / "runs" / "r1" / "main_decoder.pt", data=identity)
     draft_cfg = dict(input_dim=256, hidden_dim=32, feedforward_dim=64)
     draft = RFSQDraftModelWithProjection(**draft_cfg)

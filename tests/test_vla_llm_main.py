@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from margins import LOGIT_MARGIN, assert_tokens_equal_up_to_near_ties, top2_gap  # noqa: E402
 
 from rsd.engine.rsd_engine import RSDInferenceEngine  # noqa: E402
 from rsd.models.draft import RFSQDraftModelWithProjection  # noqa: E402
@@ -166,7 +167,12 @@ def test_static_cache_matches_dynamic(parts) -> None:
     assert type(static.cache).__name__ == "StaticCache" and cache_length(static.cache) == dynamic.length
     ref = RSDInferenceEngine(main, mode="baseline").predict(dynamic, decode=False).tokens
     out = RSDInferenceEngine(main, mode="baseline").predict(static, decode=False).tokens
-    assert torch.equal(out, ref)
+    # the two caches compute attention over different lengths (static: padded and masked), so logits may
+    # round apart by ~1e-6: a token may differ only where the greedy choice leads by less than LOGIT_MARGIN
+    with torch.inference_mode():
+        gaps = top2_gap(main(dynamic, ref[:, :7]))
+    assert_tokens_equal_up_to_near_ties(out, ref, gaps)
+    assert (gaps > LOGIT_MARGIN).float().mean() > 0.99  # near-ties are rare: the comparison is not vacuous
     # rejected layers: only the write position moves back; stale entries are masked. Inference mode, as the
     # engine's: the prompt's static cache was allocated in it (in-place updates need it)
     with torch.inference_mode():
@@ -180,7 +186,9 @@ def test_static_cache_matches_dynamic(parts) -> None:
         expected = main.extend(ref[:, :1], fresh)
     assert torch.allclose(after, expected, atol=ATOL)
     spec = RSDInferenceEngine(main, FixedDraft(_forced(ref, 2)), mode="strict").predict(static, decode=False)
-    assert spec.accepted_length == 2 and torch.equal(spec.tokens, ref)
+    if gaps[:, :2].min() > LOGIT_MARGIN:  # the drafted layers are the clear greedy choices: both accepted
+        assert spec.accepted_length == 2
+    assert_tokens_equal_up_to_near_ties(spec.tokens, ref, gaps)
 
 
 def test_teacher_forcing_trains_heads_and_file_round_trip(parts, tmp_path) -> None:
