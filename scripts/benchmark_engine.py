@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add("baseline", "baseline", "baseline")
     add("strict", "baseline", "strict")
-    add("relaxed", "baseline", "relaxed", delta=delta, tau=tau)
+    if delta is not None or tau is not None:  # --delta -1 without --tau: no relaxed row
+        add("relaxed", "baseline", "relaxed", delta=delta, tau=tau)
     if not args.no_adaptive:  # strict, speculating only while it measures faster (lossless as well)
         add("strict_adaptive", "baseline", "strict", adaptive=True)
     for eps in epsilons:
