@@ -89,6 +89,10 @@ def test_check_held_out_refuses_and_marks(tmp_path: Path) -> None:
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrainStatesError, match="cannot be checked"):
         check_held_out(SUITE, [0], [1], [str(cache)])
+    # start scenes present but of unknown origin (no init_source): still unverifiable, never passed silently
+    write_start_states(cache, manifest["episodes"], [official[0] + 0.02, official[5] + 0.02])
+    with pytest.raises(TrainStatesError, match="record no start scene origin"):
+        check_held_out(SUITE, [0], [1], [str(cache)])
 
 
 def test_summary_first_line_says_not_held_out() -> None:

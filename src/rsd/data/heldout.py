@@ -104,8 +104,10 @@ def overlaps(suite: str, pairs: Iterable[tuple[int, int]], cache_dirs: Iterable[
             unknown.append(f"{cache_dir} (no manifest)")
             continue
         s = training_scenes(cache_dir)
-        if s.states is None and "unknown" in s.sources:
-            unknown.append(f"{cache_dir} (built before start scenes were recorded)")
+        if "unknown" in s.sources:  # e.g. LIBERO's own files: their first state is not a scene we can match
+            n = s.sources.count("unknown")
+            unknown.append(f"{cache_dir} ({n} episode(s) record no start scene origin" +
+                           (", built before start scenes were recorded)" if s.states is None else ")"))
         scenes.append(s)
     found: list[dict[str, Any]] = []
     init_cache: dict[int, np.ndarray] = {}
