@@ -1,4 +1,4 @@
-"""Operating points (rsd.eval.frontier): evaluations joined with benchmark rows, paired against the baseline."""
+"""Operating points (rsd.analysis.frontier): evaluations joined with benchmark rows, paired against the baseline."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from rsd.eval.compare import EvalFolder
-from rsd.eval.frontier import best_point, eval_settings, match_row, operating_points, write_operating_points
-from rsd.eval.report import main as report_main
+from rsd.analysis.compare import EvalFolder
+from rsd.analysis.frontier import (
+    best_point,
+    eval_settings,
+    match_row,
+    operating_points,
+    write_operating_points,
+)
+from rsd.analysis.report import main as report_main
 
 FIELDS = {"name", "settings", "depth", "episodes", "successes", "wilson_95", "paired_vs_8_layer_baseline",
           "decode_ms_per_chunk", "speedup_vs_8_layer_baseline", "speedup_vs_same_depth_baseline",

@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from rsd import PROJECT_ROOT
-from rsd.eval import compare
+from rsd.analysis import compare, notebook, plots
+from rsd.analysis.report import build_report
+from rsd.analysis.report import main as report_cli
 from rsd.eval.merge import MergeError, merge_shards, stable_view
 from rsd.eval.merge import main as merge_cli
-from rsd.eval.report import build_report
-from rsd.eval.report import main as report_cli
 from rsd.eval.runner import EPISODES_FILE, RUN_FILE, EpisodeLog, Job, load_records, record_key
 from rsd.eval.shard import parse_shard, select_shard, shard_dirname
 from rsd.eval.summary import summarize, write_summary
@@ -183,7 +183,7 @@ def test_compare_tables_training_metrics_and_wandb_rows(fixture_logs, monkeypatc
     # the figures draw the fixture's numbers
     import matplotlib.pyplot as plt
 
-    fig = compare.plot_layer_curves(runs.train)
+    fig = plots.plot_layer_curves(runs.train)
     axes = {a.get_title(): a for a in fig.axes}
     assert set(axes) == {"val/exact_L*", "val/token_acc_L*", "val/acc_L*"}
     assert len(axes["val/acc_L*"].lines) == 8 and len(axes["val/token_acc_L*"].lines) == 3
@@ -191,7 +191,7 @@ def test_compare_tables_training_metrics_and_wandb_rows(fixture_logs, monkeypatc
     assert list(axes["val/acc_L*"].lines[2].get_ydata()) == pytest.approx([0.7, 0.71])  # 0.9 - 0.1 k + 0.01 e
     assert list(axes["val/token_acc_L*"].lines[1].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
     plt.close(fig)
-    fig = compare.plot_latency_breakdown(runs.evals)
+    fig = plots.plot_latency_breakdown(runs.evals)
     (ax,) = fig.axes
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     totals = {}
@@ -202,10 +202,10 @@ def test_compare_tables_training_metrics_and_wandb_rows(fixture_logs, monkeypatc
     assert totals == pytest.approx({"relaxed delta=1": 18.0, "relaxed delta=2": 18.0, "strict": 18.0,
                                     "baseline": 46.0})
     plt.close(fig)
-    fig = compare.plot_success_per_task(runs.tasks)
+    fig = plots.plot_success_per_task(runs.tasks)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1"]
     plt.close(fig)
-    assert compare.plot_layer_curves({}) is None
+    assert plots.plot_layer_curves({}) is None
 
     # W&B: only with an API key and a mode that is not offline; its rows have the local rows' shape
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -231,8 +231,8 @@ def test_plots_draw_intervals_as_error_bars_and_name_runs_by_rule(fixture_logs):
     import matplotlib.pyplot as plt
     from matplotlib.container import ErrorbarContainer
 
-    from rsd.eval.report import comparisons, plot
-    from rsd.eval.stats import wilson_interval
+    from rsd.analysis.report import comparisons, plot
+    from rsd.analysis.stats import wilson_interval
 
     runs = compare.load_local(fixture_logs)
     ev = runs.evals
@@ -247,7 +247,7 @@ def test_plots_draw_intervals_as_error_bars_and_name_runs_by_rule(fixture_logs):
              {"mode": "speculative", "threshold_label": "strict", "label": "s"}]
     assert compare.short_labels(clash) == ["baseline (x)", "baseline (y)", "strict #1", "strict #2"]
 
-    fig = compare.plot_acceptance_vs_success(ev)
+    fig = plots.plot_acceptance_vs_success(ev)
     ax1, ax2 = fig.axes
     ticks = [t.get_text() for t in ax1.get_xticklabels()]
     assert ticks == ["strict", "relaxed delta=1", "relaxed delta=2"]  # sorted by rule, no paths
@@ -267,7 +267,7 @@ def test_plots_draw_intervals_as_error_bars_and_name_runs_by_rule(fixture_logs):
     assert [t.get_text() for t in success_ax.get_xticklabels()] == compare.short_labels(ev)
     assert any(isinstance(c, ErrorbarContainer) for c in success_ax.containers)
     plt.close(fig)
-    fig = compare.plot_success_per_task(runs.tasks)
+    fig = plots.plot_success_per_task(runs.tasks)
     assert any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
     plt.close(fig)
 
@@ -286,7 +286,7 @@ def test_plots_draw_intervals_as_error_bars_and_name_runs_by_rule(fixture_logs):
 def test_notebook_executes_on_local_folders(fixture_logs, tmp_path):
     pytest.importorskip("nbclient", reason="pip install nbclient nbformat ipykernel (see requirements.txt)")
     figs = tmp_path / "figs"
-    nb = compare.execute_notebook(PROJECT_ROOT / "notebooks/compare_runs.ipynb",
+    nb = notebook.execute_notebook(PROJECT_ROOT / "notebooks/compare_runs.ipynb",
                                   {"log_dir": str(fixture_logs), "figures_dir": str(figs), "wandb_mode": "offline"},
                                   out_path=tmp_path / "executed.ipynb", timeout=300)
     assert sorted(p.name for p in figs.glob("*.png")) == [
@@ -541,7 +541,7 @@ def test_same_seed_and_inputs_give_the_same_evaluation_json(sim_runs):
 
 @pytest.mark.sim
 def test_mode_both_prints_the_paired_table_and_mcnemar_p(sim_runs):
-    from rsd.eval.stats import paired_table
+    from rsd.analysis.stats import paired_table
 
     root = sim_runs["root"]
     summary = json.loads((root / "a/summary.json").read_text())

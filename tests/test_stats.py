@@ -1,4 +1,4 @@
-"""Statistics of success rates (rsd.eval.stats) and where they show: summary, tasks.md, W&B metrics.
+"""Statistics of success rates (rsd.analysis.stats) and where they show: summary, tasks.md, W&B metrics.
 
 Known answers are computed here independently of scipy: the Wilson interval from its textbook formula
 (z from the standard library's normal distribution), the exact McNemar p-value from binomial counts.
@@ -11,7 +11,7 @@ from statistics import NormalDist
 
 import pytest
 
-from rsd.eval.stats import (
+from rsd.analysis.stats import (
     ALPHA,
     episode_key,
     mcnemar_exact,

@@ -4,7 +4,7 @@ The policies it drives live in :mod:`rsd.policies` (interface, harness policies,
 - ``rollout``: one episode (init state, warm-up, open-loop chunks, binarized gripper, success = ``done``).
 - ``runner``: the work list, spawn worker processes, the resumable JSONL episode log, error capture.
 - ``summary``: aggregation, the original guide's summary, per-task tables, files and W&B.
-- ``stats``: Wilson intervals and paired (McNemar) comparisons; ``report`` / ``compare``: across runs.
+- Statistics, reports, comparisons across runs, operating points and the verifier: :mod:`rsd.analysis`.
 
 Entry point: ``python evaluate.py ckpt=best trials=50`` (``conf/eval.yaml``). Nothing here imports torch
 at module level, so worker processes start fast and set their thread counts first.

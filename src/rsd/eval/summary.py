@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from rsd.eval.stats import ALPHA, CONFIDENCE, pair_records, paired_comparison, success_stats
+from rsd.analysis.stats import ALPHA, CONFIDENCE, pair_records, paired_comparison, success_stats
 from rsd.policies.base import EVAL_MODES
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The comparison table of the original guide: ``python -m rsd.eval.report <eval_dir>... --out report``.
+"""The comparison table of the original guide: ``python -m rsd.analysis.report <eval_dir>... --out report``.
 
 For every speculative evaluation among the folders: success rate (with its 95 % Wilson interval),
 inference time per chunk, draft acceptance and peak memory against the baseline, with the improvement::
@@ -10,7 +10,7 @@ inference time per chunk, draft acceptance and peak memory against the baseline,
     | Peak Memory (GPU) | 15,210 MB | 15,530 MB | +2.1% |
 
 followed by the paired table (both succeed / only speculative / only baseline / neither) over the init
-states both ran, paired by task and init state, and its exact McNemar p-value (:mod:`rsd.eval.stats`).
+states both ran, paired by task and init state, and its exact McNemar p-value (:mod:`rsd.analysis.stats`).
 
 The baseline of a speculative run is the ``baseline`` mode of the same folder (``mode=both``), else the
 first other folder of the same suite that has one. Peak memory is the largest per-episode peak of the
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsd.eval.compare import (
+from rsd.analysis.compare import (
     EvalFolder,
     ci_errors,
     eval_table,
@@ -42,7 +42,7 @@ from rsd.eval.compare import (
     records_by_run,
     short_labels,
 )
-from rsd.eval.stats import paired_comparison
+from rsd.analysis.stats import paired_comparison
 from rsd.eval.summary import (
     STATISTICS_NOTE,
     fmt_mb,
@@ -61,7 +61,7 @@ from rsd.eval.summary import (
 
 GUIDE_HEADER = ["Metric", "Baseline", "Speculative (RSD)", "Improvement"]
 
-#: ``{(path, mode): episode records}`` (:func:`rsd.eval.compare.records_by_run`)
+#: ``{(path, mode): episode records}`` (:func:`rsd.analysis.compare.records_by_run`)
 Records = Mapping[tuple[str, str], Sequence[Mapping[str, Any]]]
 
 
@@ -79,7 +79,7 @@ def rate_of(row: Mapping[str, Any] | None) -> str:
 
 def paired_of(spec: Mapping[str, Any] | None, base: Mapping[str, Any] | None,
               records: Records | None) -> dict | None:
-    """The paired comparison (:func:`rsd.eval.stats.paired_comparison`) of a speculative row against a
+    """The paired comparison (:func:`rsd.analysis.stats.paired_comparison`) of a speculative row against a
     baseline row over the init states both ran; None without records or without shared init states."""
     if not records or not spec or not base:
         return None
@@ -298,7 +298,7 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
 
     plt.close(fig)
     if sum(r["mode"] == "speculative" for r in rows) >= 2:
-        from rsd.eval.compare import plot_acceptance_vs_success
+        from rsd.analysis.plots import plot_acceptance_vs_success
 
         sweep_fig = plot_acceptance_vs_success(eval_table(folders))
         if sweep_fig is not None:
@@ -321,13 +321,13 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rsd.eval.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rsd.analysis.report", description=__doc__.split("\n")[0])
     parser.add_argument("eval_dirs", nargs="+", help="evaluation folders (or folders above them)")
     parser.add_argument("--out", default="report", help="output folder (report.md, report.png, report.json)")
     parser.add_argument("--title", default="Evaluation report")
     parser.add_argument("--label", action="append", help="a label per folder, in order (default: folder names)")
     parser.add_argument("--benchmark", help="a scripts/benchmark_engine.py --out JSON: also write the operating "
-                        "points (speed vs success, rsd.eval.frontier) of the folders")
+                        "points (speed vs success, rsd.analysis.frontier) of the folders")
     parser.add_argument("--baseline", help="with --benchmark: the 8-layer baseline's evaluation folder")
     args = parser.parse_args(argv)
     if bool(args.benchmark) != bool(args.baseline):
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = build_report(args.eval_dirs, args.out, args.title, args.label)
         if args.benchmark:
-            from rsd.eval.frontier import write_operating_points
+            from rsd.analysis.frontier import write_operating_points
 
             folders = [load_eval_dir(d) for d in resolve_dirs(args.eval_dirs)]
             paths.update({f"points_{k}": v for k, v in write_operating_points(

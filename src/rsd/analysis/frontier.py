@@ -8,7 +8,7 @@ delta / tau / epsilon, depth, early exit), and is compared paired with the 8-lay
 (same task and init state; exact McNemar test).
 
 Success criterion (issue 13): McNemar p >= 0.05 against the 8-layer baseline and at most 3 points below it.
-``python -m rsd.eval.report <eval dirs> --baseline <8-layer baseline dir> --benchmark bench.json --out DIR``
+``python -m rsd.analysis.report <eval dirs> --baseline <8-layer baseline dir> --benchmark bench.json --out DIR``
 writes ``operating_points.json``, ``operating_points.md`` and ``frontier.png``.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsd.eval.stats import paired_comparison, success_stats
+from rsd.analysis.stats import paired_comparison, success_stats
 
 #: The most a point may lose against the 8-layer baseline and still meet the criterion (rate units).
 MAX_DROP = 0.03
@@ -74,7 +74,7 @@ def point_name(settings: Mapping[str, Any]) -> str:
 
 
 def operating_points(folders: Sequence[Any], baseline: Any, bench: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One dict per (folder, mode) of ``folders`` (``rsd.eval.compare.EvalFolder``), against ``baseline``'s
+    """One dict per (folder, mode) of ``folders`` (``rsd.analysis.compare.EvalFolder``), against ``baseline``'s
     ``baseline``-mode episodes, with the speed of the matching row of ``bench``."""
     ref = [r for r in baseline.records if r.get("mode") == "baseline"]
     if not ref:
