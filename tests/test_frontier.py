@@ -18,8 +18,11 @@ from rsd.analysis.frontier import (
 from rsd.analysis.report import main as report_main
 
 FIELDS = {"name", "settings", "depth", "episodes", "successes", "wilson_95", "paired_vs_8_layer_baseline",
-          "decode_ms_per_chunk", "speedup_vs_8_layer_baseline", "speedup_vs_same_depth_baseline",
-          "main_calls_per_chunk", "acceptance_rate", "machine", "meets_success_criterion", "success_rate"}
+          "decode_ms_per_chunk", "baseline_8_layer_ms_per_chunk", "same_depth_baseline_ms_per_chunk",
+          "speedup_vs_8_layer_baseline", "speedup_vs_same_depth_baseline", "main_calls_per_chunk_cache_frames",
+          "main_calls_per_chunk_closed_loop", "acceptance_cache_frames", "acceptance_closed_loop",
+          "drafted_layers_per_chunk_cache_frames", "drafted_layers_per_chunk_closed_loop", "benchmark_run",
+          "machine", "meets_success_criterion", "success_rate"}
 
 
 def _records(mode: str, outcomes: list[bool]) -> list[dict]:
@@ -105,3 +108,52 @@ def test_write_refuses_a_baseline_without_baseline_episodes(tmp_path: Path) -> N
     bench.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="no baseline-mode episodes"):
         write_operating_points([spec], spec, bench, tmp_path / "o")
+
+
+def test_speedups_come_from_the_ms_columns_of_one_run_and_acceptance_from_counts(tmp_path: Path) -> None:
+    """Issue 20: speedups are ratios of the total ms shown (not a copied field), acceptance is accepted /
+    drafted layers from the counts, closed-loop and cache-frame figures stay apart, the closed-loop main
+    calls come from ``main_steps_per_inference`` (what summaries write), and the JSON is strict."""
+    base = _folder(tmp_path, "base", {"acceptance": "strict"}, _records("baseline", [True, False] * 5))
+    summary = {"modes": {"speculative": {"engine": {
+        "inferences": 10, "main_steps_per_inference": 5.5, "acceptance_rate": 0.99,
+        "totals": {"accepted_layers": 6, "drafted_layers": 20}}}}}
+    spec = EvalFolder(path=tmp_path / "spec", label="spec", summary=summary, policy={"acceptance": "epsilon",
+                      "epsilon": 0.2}, records=_records("speculative", [True, False] * 5))
+    rows = [{**_bench_row("baseline", 1.0), "total_ms": 100.0, "speedup": 7.0, "mode": "baseline",
+             "reference": "baseline", "acceptance": float("nan")},
+            {**_bench_row("epsilon", 1.0, epsilon=0.2), "total_ms": 80.0, "speedup": 9.9, "mode": "epsilon_0.2",
+             "reference": "baseline", "acceptance": 0.9, "accepted_layers": 45, "drafted_layers": 60,
+             "chunks": 20}]
+    points = {p["name"]: p for p in operating_points([base, spec], base, {"rows": rows, "run_id": "r1"})}
+    eps = points["eps=0.2"]
+    assert eps["speedup_vs_8_layer_baseline"] == pytest.approx(100.0 / 80.0)  # not the row's 9.9
+    assert eps["baseline_8_layer_ms_per_chunk"] == 100.0 and eps["decode_ms_per_chunk"] == 80.0
+    assert eps["acceptance_cache_frames"] == pytest.approx(45 / 60) and eps["drafted_layers_per_chunk_cache_frames"] == 3
+    assert eps["acceptance_closed_loop"] == pytest.approx(6 / 20) and eps["drafted_layers_per_chunk_closed_loop"] == 2
+    assert eps["main_calls_per_chunk_closed_loop"] == 5.5 and eps["benchmark_run"] == "r1"
+    assert points["baseline"]["acceptance_cache_frames"] is None  # NaN in the row: null, not NaN
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": rows, "run_id": "r1"}))  # json writes the NaN: a legacy file
+    paths = write_operating_points([base, spec], base, bench, tmp_path / "out")
+    text = paths["json"].read_text()
+    assert "NaN" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in operating_points.json"))
+    assert "| 80.00 | 100.00 | 1.25x |" in paths["md"].read_text()
+
+
+def test_a_benchmark_file_of_several_runs_is_refused(tmp_path: Path) -> None:
+    base = _folder(tmp_path, "base", {"acceptance": "strict"}, _records("baseline", [True]))
+    rows = [{**_bench_row("baseline", 1.0), "run_id": "a"}, {**_bench_row("baseline", 2.0, depth=2), "run_id": "b"}]
+    with pytest.raises(ValueError, match="one table must be one run"):
+        operating_points([base], base, {"rows": rows})
+    with pytest.raises(ValueError, match="merges several runs"):
+        operating_points([base], base, {"rows": rows[:1], "merged_from": ["x.json", "y.json"]})
+
+
+def test_an_epsilon_run_is_named_by_its_epsilon_not_by_the_default_delta() -> None:
+    from rsd.analysis.compare import threshold_of
+
+    assert threshold_of({"acceptance": "epsilon", "epsilon": 0.2, "delta": 1}) == (0.2, "epsilon eps=0.2")
+    assert threshold_of({"acceptance": "relaxed", "delta": 2, "epsilon": None}) == (2.0, "relaxed delta=2")
+    assert threshold_of({"acceptance": "strict", "delta": 1}) == (0.0, "strict")

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 LAYER_COLUMN = re.compile(r"^(?P<stage>[A-Za-z0-9_]+)/(?P<metric>.+)_L(?P<layer>\d+)$")
 LATENCY_PARTS = ("backbone", "draft", "main", "decode")
 EVAL_COLUMNS = [
-    "label", "source", "path", "suite", "mode", "acceptance", "delta", "tau", "threshold", "threshold_label",
+    "label", "source", "path", "suite", "mode", "acceptance", "delta", "tau", "epsilon", "threshold", "threshold_label",
     "episodes", "successes", "success_rate", "success_ci_low", "success_ci_high", "errors", "avg_inference_ms", "p95_inference_ms",
     "acceptance_rate", "mean_accepted_layers", "inferences",
     *[f"avg_{p}_ms" for p in LATENCY_PARTS], "avg_engine_ms", "peak_rss_mb", "peak_cuda_mb",
@@ -109,10 +109,15 @@ def find_eval_dirs(log_dir: str | Path, include_shards: bool = False) -> list[Pa
 
 
 def threshold_of(policy: Mapping[str, Any]) -> tuple[float, str]:
-    """``(x, label)`` of a policy's acceptance rule: strict -> ``(0, "strict")``; relaxed -> tau or delta."""
+    """``(x, label)`` of a policy's acceptance rule: strict -> ``(0, "strict")``; relaxed -> tau or delta;
+    epsilon -> ``(epsilon, "epsilon eps=<e>")``. Only the parameters of the policy's own rule are read (a
+    policy spec carries a default ``delta`` whatever its rule, which must not name an epsilon run)."""
     kind = str(policy.get("acceptance") or "strict")
     if kind == "strict":
         return 0.0, "strict"
+    if kind == "epsilon":
+        eps = policy.get("epsilon")
+        return (float(eps), f"epsilon eps={eps}") if eps is not None else (math.nan, "epsilon")
     tau, delta = policy.get("tau"), policy.get("delta")
     if tau is not None:
         return float(tau), f"{kind} tau={tau}"
@@ -142,6 +147,7 @@ def mode_row(label: str, mode: str, stats: Mapping[str, Any], policy: Mapping[st
     row = {
         "label": label, "source": source, "path": path, "suite": suite, "mode": mode,
         "acceptance": policy.get("acceptance"), "delta": policy.get("delta"), "tau": policy.get("tau"),
+        "epsilon": policy.get("epsilon"),
         "threshold": x, "threshold_label": xlabel,
         **{k: stats.get(k) for k in ("episodes", "successes", "errors", "avg_inference_ms", "p95_inference_ms")},
         **rate,

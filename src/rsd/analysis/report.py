@@ -1,7 +1,8 @@
 """The comparison table of the original guide: ``python -m rsd.analysis.report <eval_dir>... --out report``.
 
 For every speculative evaluation among the folders: success rate (with its 95 % Wilson interval),
-inference time per chunk, draft acceptance and peak memory against the baseline, with the improvement::
+inference time per chunk, draft acceptance and peak memory against the baseline, with the improvement
+(the time ratio only against the same folder's baseline: one run, the modes taking turns)::
 
     | Metric | Baseline | Speculative (RSD) | Improvement |
     | Success Rate | 85.0% [76.7, 90.7] | 88.0% [80.2, 93.0] | +3.0 pts, no significant difference (exact McNemar p = 0.508) |
@@ -25,7 +26,6 @@ rule, named by the rule).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rsd.analysis import jsonio
 from rsd.analysis.compare import (
     EvalFolder,
     ci_errors,
@@ -87,10 +88,16 @@ def paired_of(spec: Mapping[str, Any] | None, base: Mapping[str, Any] | None,
                              records.get((str(base["path"]), str(base["mode"])), []))
 
 
+#: what stands in the speedup cell when the baseline is another folder's (another run, another process)
+DIFFERENT_RUNS = "not compared (different runs)"
+
+
 def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None,
-               paired: Mapping[str, Any] | None = None) -> list[list[str]]:
+               paired: Mapping[str, Any] | None = None, same_run: bool = True) -> list[list[str]]:
     """The four rows of the guide's table (strings) for one baseline / speculative pair (either may be None);
-    success rates with their intervals, the difference with the paired test's verdict when there is one."""
+    success rates with their intervals, the difference with the paired test's verdict when there is one.
+    The inference-time ratio is shown only for ``same_run`` (both modes of one folder, taking turns in one
+    process); across runs it is :data:`DIFFERENT_RUNS` (the design notes: no ms from different runs)."""
     b, s = base or {}, spec or {}
     kind = "GPU" if num(b.get("peak_cuda_mb")) is not None or num(s.get("peak_cuda_mb")) is not None else "RSS"
     mb, ms = memory_of(base, kind), memory_of(spec, kind)
@@ -102,7 +109,8 @@ def guide_rows(base: Mapping[str, Any] | None, spec: Mapping[str, Any] | None,
     return [
         ["Success Rate", rate_of(base) if base else "n/a", rate_of(spec) if spec else "n/a", diff],
         ["Inference Time", fmt_ms(b.get("avg_inference_ms")), fmt_ms(s.get("avg_inference_ms")),
-         fmt_speedup(s.get("avg_inference_ms"), b.get("avg_inference_ms"))],
+         fmt_speedup(s.get("avg_inference_ms"), b.get("avg_inference_ms")) if same_run or not (base and spec)
+         else DIFFERENT_RUNS],
         ["Draft Acceptance", "n/a", fmt_pct(s.get("acceptance_rate")), "-"],
         [f"Peak Memory ({kind})", fmt_mb(mb), fmt_mb(ms), fmt_relative(ms, mb)],
     ]
@@ -127,7 +135,7 @@ def comparisons(rows: Sequence[Mapping[str, Any]], records: Records | None = Non
         paired = paired_of(s, b, records)
         out.append({"label": s["label"], "baseline_label": b["label"] if b else None, "same_folder": same,
                     "speculative": dict(s), "baseline": dict(b) if b else None, "paired": paired,
-                    "rows": guide_rows(b, s, paired)})
+                    "rows": guide_rows(b, s, paired, same_run=same)})
     if not spec_rows:
         out += [{"label": b["label"], "baseline_label": b["label"], "same_folder": False, "speculative": None,
                  "baseline": dict(b), "paired": None, "rows": guide_rows(b, None)} for b in base_rows]
@@ -185,12 +193,12 @@ def _sweep_order(r: Mapping[str, Any]) -> tuple:
 def sweep_rows(rows: Sequence[Mapping[str, Any]], records: Records | None = None) -> list[list[str]]:
     """The acceptance sweep: every speculative run ordered by its rule (strict first, then delta / tau), with
     its success interval, the paired table and exact McNemar p-value against the baseline of the same suite
-    (same folder first), and the speedup over that baseline."""
+    (same folder first), and the speedup over that baseline when it is the same folder's (same run)."""
     spec = [r for r in rows if r["mode"] == "speculative"]
     base = [r for r in rows if r["mode"] == "baseline"]
     out = []
     for r in sorted(spec, key=_sweep_order):
-        b, _ = baseline_for(r, base)
+        b, same = baseline_for(r, base)
         paired = paired_of(r, b, records)
         table = "n/a" if paired is None else \
             f"{paired['both']} / {paired['only_a']} / {paired['only_b']} / {paired['neither']}"
@@ -199,7 +207,8 @@ def sweep_rows(rows: Sequence[Mapping[str, Any]], records: Records | None = None
         out.append([str(r.get("threshold_label")), str(r["label"]), str(r["episodes"]), fmt_pct(r["acceptance_rate"]),
                     "n/a" if num(r.get("mean_accepted_layers")) is None else f"{float(r['mean_accepted_layers']):.2f}",
                     rate_of(r), table, p, fmt_ms(r["avg_inference_ms"]),
-                    fmt_speedup(r["avg_inference_ms"], b["avg_inference_ms"]) if b else "n/a"])
+                    "n/a" if not b else fmt_speedup(r["avg_inference_ms"], b["avg_inference_ms"]) if same
+                    else DIFFERENT_RUNS])
     return out
 
 
@@ -306,17 +315,7 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
             sweep_fig.savefig(paths["sweep_png"], dpi=110, bbox_inches="tight")
             plt.close(sweep_fig)
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    paths["json"].write_text(json.dumps(clean({"title": title, "comparisons": comps, "runs": rows}), indent=2,
-                                        default=str) + "\n")
+    jsonio.write(paths["json"], {"title": title, "comparisons": comps, "runs": rows})
     return paths
 
 
