@@ -8,10 +8,26 @@ models), so the speedups compare like with like on a shared machine. Modes (``do
 interval bound, threshold ``--exit-epsilon``) and ``*_exitemp`` (the same with per-depth bounds measured on
 training frames: a measurement, not a bound). Printed per mode: main calls and mean depth per chunk,
 acceptance, ms per chunk (draft, main, check = acceptance and exit tests, RFSQ decode, total), the
-token-decoding speedup (draft + main + check) against the 8-layer baseline AND against the baseline
-with the same depth / exit settings (what speculation adds), the ideal speedup (main calls), agreement
-with that same-settings baseline's tokens, and the action distance (normalized units, max abs over the
-chunk, before gripper binarization) to the 8-layer baseline.
+speedup on total ms against the 8-layer baseline AND against the baseline with the same depth / exit
+settings (what speculation adds), the token-decoding speedup (draft + main + check, its ms column shown
+beside it), the ideal speedup (main calls), agreement with that same-settings baseline's tokens, and the
+action distance (normalized units, max abs over the chunk, before gripper binarization) to the 8-layer
+baseline.
+
+What the numbers are (issue 20):
+
+- **Cache frames, open loop.** Every figure here is measured on held-out frames of a feature cache (or the
+  synthetic task), each decoded once by every mode: not in closed loop. A speculative mode's acceptance
+  in a LIBERO rollout (the evaluation summary's ``engine``) can differ a lot (the policy visits other
+  states); the JSON says so in ``measured_on`` and the table's header says "cache frames".
+- **Acceptance has one definition**: accepted drafted layers / drafted layers, from the counts
+  (``accepted_layers`` / ``drafted_layers`` of the row; ``null`` for a mode that drafts nothing). Depth
+  ``D`` drafts at most ``D - 1`` layers, so ``drafted_layers_per_chunk`` stands beside it.
+- **One run, one table.** Each JSON has a ``run_id``, repeated in every row; every speedup is the ratio of
+  two ms columns of the same table (``speedup`` = 8-layer baseline ``total_ms`` / ``total_ms``,
+  ``speedup_token_decode`` = the same on ``token_decode_ms`` = draft + main + check). The ``*_median``
+  speedups (ratios of per-chunk medians) are in the JSON only.
+- **Strict JSON**: ``null`` for undefined numbers, never ``NaN`` (``rsd.analysis.jsonio``).
 
 Real models::
 
@@ -44,11 +60,13 @@ call costs stay eager; ``scripts/benchmark_gpu_latency.py`` compares the modes c
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import platform
 import statistics
 import sys
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from rsd import PROJECT_ROOT
+from rsd.analysis import jsonio
 from rsd.engine.action_space import action_distance, empirical_tail_bounds, normalized_decoder
 from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.models.draft import RFSQDraftModelWithProjection
@@ -290,9 +309,15 @@ def _tok_ms(stats) -> float:
     return sum(stats.ms_per_chunk(k) for k in TOKEN_SECTIONS)
 
 
+def _acceptance(stats) -> float | None:
+    """Accepted drafted layers / drafted layers (the one definition); None when nothing was drafted."""
+    return stats.accepted_layers / stats.drafted_layers if stats.drafted_layers else None
+
+
 def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tensor | None = None,
-              refs: dict[str, str] | None = None, decode_norm=None) -> list[dict]:
-    """One row per mode; ``refs[mode]`` names the baseline with the same depth / exit settings."""
+              refs: dict[str, str] | None = None, decode_norm=None, run_id: str | None = None) -> list[dict]:
+    """One row per mode; ``refs[mode]`` names the baseline with the same depth / exit settings. Every
+    speedup is a ratio of two ms columns of these rows (``total_ms``, or ``token_decode_ms``)."""
     refs = refs or {}
     base = res["baseline"]
     b_stats = base["stats"]
@@ -304,12 +329,16 @@ def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tenso
         calls = s.main_calls_per_chunk
         row = {
             "mode": m,
+            "run_id": run_id,
             "reference": refs.get(m, "baseline"),
             "settings": r.get("settings"),
             "chunks": s.samples,
             "main_calls_per_chunk": calls,
             "mean_depth": s.mean_depth,
-            "acceptance": s.acceptance_rate,
+            "drafted_layers": s.drafted_layers,
+            "accepted_layers": s.accepted_layers,
+            "drafted_layers_per_chunk": s.drafted_layers / s.samples if s.samples else None,
+            "acceptance": _acceptance(s),
             "mean_accepted_length": s.mean_accepted_length,
             "per_layer_acceptance": s.per_layer_acceptance,
             "main_steps_saved_per_chunk": s.main_steps_saved / s.inferences,
@@ -319,11 +348,14 @@ def summarize(res: dict, gt_tokens: torch.Tensor | None, gt_actions: torch.Tenso
             "decode_ms": s.ms_per_chunk("decode"),
             "total_ms": s.ms_per_chunk("total"),
             "token_decode_ms": tok_ms,
-            "speedup": _tok_ms(b_stats) / tok_ms,
-            "speedup_median": _med(base["times"]) / _med(r["times"]),
-            "speedup_vs_ref": _tok_ms(ref["stats"]) / tok_ms,
-            "speedup_vs_ref_median": _med(ref["times"]) / _med(r["times"]),
-            "speedup_total": b_stats.ms_per_chunk("total") / s.ms_per_chunk("total"),
+            "reference_total_ms": ref["stats"].ms_per_chunk("total"),
+            "baseline_total_ms": b_stats.ms_per_chunk("total"),
+            "speedup": b_stats.ms_per_chunk("total") / s.ms_per_chunk("total"),
+            "speedup_vs_ref": ref["stats"].ms_per_chunk("total") / s.ms_per_chunk("total"),
+            "speedup_token_decode": _tok_ms(b_stats) / tok_ms,
+            "speedup_token_decode_vs_ref": _tok_ms(ref["stats"]) / tok_ms,
+            "speedup_token_decode_median": _med(base["times"]) / _med(r["times"]),
+            "speedup_token_decode_vs_ref_median": _med(ref["times"]) / _med(r["times"]),
             "ideal_speedup": NUM_LAYERS / calls,
             "ideal_speedup_vs_ref": ref["stats"].main_calls_per_chunk / calls,
             "token_agreement": float((r["tokens"] == base["tokens"]).float().mean()),
@@ -350,18 +382,22 @@ def _f(x, fmt: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("| mode | vs | main calls | depth | acceptance | per-layer acc. | draft ms | main ms | check ms | "
-            "total ms | speedup vs 8L base | median | speedup vs same-depth base | median | ideal vs same | "
-            "chunk agr. vs same | action dist to 8L (max / median) |")
+    """One run's table (cache frames, open loop): every speedup is the ratio of two ms columns shown here
+    (8-layer baseline row's / this row's; "vs" names the same-depth baseline row)."""
+    head = ("| mode | vs | main calls | depth | drafted layers/chunk | acceptance, cache frames (accepted/drafted) "
+            "| per-layer acc. | draft ms | main ms | check ms | draft+main+check ms | total ms "
+            "| speedup vs 8L base (total ms) | speedup vs same-depth base (total ms) "
+            "| speedup vs 8L base (draft+main+check ms) | ideal vs same | chunk agr. vs same "
+            "| action dist to 8L (max / median) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
-        pla = "/".join(_f(v, ".2f") for v in r["per_layer_acceptance"]) if r["acceptance"] == r["acceptance"] \
-            else "-"
+        pla = "/".join(_f(v, ".2f") for v in r["per_layer_acceptance"]) if r["acceptance"] is not None else "-"
         print(f"| {r['mode']} | {r['reference']} | {r['main_calls_per_chunk']:.2f} | {r['mean_depth']:.2f} | "
-              f"{_f(r['acceptance'], '.3f')} | {pla} | {r['draft_ms']:.2f} | {r['main_ms']:.2f} | "
-              f"{r['check_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_median']:.2f}x | "
-              f"{r['speedup_vs_ref']:.2f}x | {r['speedup_vs_ref_median']:.2f}x | {r['ideal_speedup_vs_ref']:.2f}x | "
+              f"{_f(r['drafted_layers_per_chunk'], '.2f')} | {_f(r['acceptance'], '.3f')} | {pla} | "
+              f"{r['draft_ms']:.2f} | {r['main_ms']:.2f} | {r['check_ms']:.2f} | {r['token_decode_ms']:.2f} | "
+              f"{r['total_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_vs_ref']:.2f}x | "
+              f"{r['speedup_token_decode']:.2f}x | {r['ideal_speedup_vs_ref']:.2f}x | "
               f"{r['chunk_agreement_vs_ref']:.3f} | {_f(r.get('action_dist_max'), '.4f')} / "
               f"{_f(r.get('action_dist_median'), '.4f')} |")
 
@@ -465,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         args.synthetic = True
 
     torch.set_num_threads(args.threads)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    run_id = f"{started}-{uuid.uuid4().hex[:8]}"
+    measured_on = ("cache frames, open loop: held-out frames of " + str(args.cache_dir) if not args.synthetic
+                   else "synthetic task samples, open loop") + " (not closed-loop rollouts)"
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -544,15 +584,15 @@ def main(argv: list[str] | None = None) -> int:
         res[name]["settings"] = eng.settings()
     gt = data["tokens"][: res["baseline"]["tokens"].shape[0]]
     gt_actions = None if data.get("actions") is None else data["actions"][: gt.shape[0]]
-    rows = summarize(res, gt, gt_actions, refs, normalized_decoder(tokenizer))
+    rows = summarize(res, gt, gt_actions, refs, normalized_decoder(tokenizer), run_id=run_id)
     accelerate_info = {k: e.accelerate_info for k, e in engines.items()}
     print("\naccelerate in use (isolated call costs above are eager): "
           + "; ".join(f"{k}: draft {v['draft']}, main {v['main']}" + (f" (fallback: {v['fallback']})"
                                                                        if v["fallback"] else "")
                       for k, v in accelerate_info.items()))
     print(f"relaxed: delta={delta}, tau={tau}; epsilon rows: {epsilons}; depth rows: {args.depth}; exit rows: "
-          f"{args.exit_rule} (exit_epsilon {args.exit_epsilon}, chance_entropy {args.chance_entropy}); speedups "
-          f"count draft + main + check ms; 'vs' = the same-settings baseline")
+          f"{args.exit_rule} (exit_epsilon {args.exit_epsilon}, chance_entropy {args.chance_entropy}); run {run_id}; "
+          f"measured on {measured_on}; speedups: ratios of the ms columns shown; 'vs' = the same-settings baseline")
     if "task" in data:
         n_chunks = res["baseline"]["tokens"].shape[0]
         designed = float(data["task"]["stop"][data["cls"][:n_chunks]].float().mean()) / 3
@@ -576,8 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         st = engines["strict_adaptive"].stats
         print(f"\nstrict_adaptive: {ad['speedup']:.2f}x, speculated on {1 - st.unspeculated / max(st.samples, 1):.0%} "
               f"of the chunks; tokens identical to baseline: {ad['chunk_agreement'] == 1.0}")
-    print(f"\nstrict: {strict['speedup']:.2f}x measured (median {strict['speedup_median']:.2f}x), "
-          f"{strict['ideal_speedup']:.2f}x ideal (main calls), {model_pred:.2f}x predicted from isolated call costs; "
+    print(f"\nstrict: {strict['speedup']:.2f}x on total ms, {strict['speedup_token_decode']:.2f}x on draft+main+check ms "
+          f"(median of chunks {strict['speedup_token_decode_median']:.2f}x), {strict['ideal_speedup']:.2f}x ideal "
+          f"(main calls), {model_pred:.2f}x predicted (draft+main) from isolated call costs; "
           f"tokens identical to baseline: {strict['chunk_agreement'] == 1.0}")
 
     sweep_rows = []
@@ -586,21 +627,24 @@ def main(argv: list[str] | None = None) -> int:
         what = "a draft trained on the true coarse layers" if inner is not None else "the draft"
         inner = (inner if inner is not None else draft).to(device=device, dtype=dtype).eval()
         print(f"\nstrict speedup vs acceptance ({what}; its layer 0 corrupted on a seeded share 1 - r of the calls):\n")
-        print("| r | acceptance | main calls/chunk | speedup (draft+main) | median | ideal | identical |")
-        print("|---|---|---|---|---|---|---|")
+        print("| r | acceptance (accepted/drafted) | main calls/chunk | baseline total ms | total ms "
+              "| speedup (total ms) | ideal | identical |")
+        print("|---|---|---|---|---|---|---|---|")
         for rate in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
             strict_eng = RSDInferenceEngine(main_model, inner, tokenizer, mode="strict", accelerate=acc)
             # corrupt the (accelerated) draft's output: the corruption itself stays eager
             strict_eng.draft = CorruptedDraft(strict_eng.draft, rate, args.seed)
             eng = {"baseline": engines["baseline"], "strict": strict_eng}
-            r = summarize(run_modes(eng, hidden, args.batch_size, args.warmup), gt)[1]
+            r = summarize(run_modes(eng, hidden, args.batch_size, args.warmup), gt, run_id=run_id)[1]
             r["target_rate_of_full_acceptance"] = rate
             sweep_rows.append(r)
-            print(f"| {rate:.2f} | {r['acceptance']:.3f} | {r['main_calls_per_chunk']:.2f} | {r['speedup']:.2f}x | "
-                  f"{r['speedup_median']:.2f}x | {r['ideal_speedup']:.2f}x | {r['chunk_agreement'] == 1.0} |",
+            print(f"| {rate:.2f} | {_f(r['acceptance'], '.3f')} | {r['main_calls_per_chunk']:.2f} | "
+                  f"{r['baseline_total_ms']:.2f} | {r['total_ms']:.2f} | {r['speedup']:.2f}x | "
+                  f"{r['ideal_speedup']:.2f}x | {r['chunk_agreement'] == 1.0} |",
                   flush=True)
     if args.out:
-        out = {"machine": machine, "dtype": args.dtype, "accelerate": accelerate_info,
+        out = {"run_id": run_id, "started": started, "measured_on": measured_on, "machine": machine,
+               "cpu": platform.processor() or platform.machine(), "dtype": args.dtype, "accelerate": accelerate_info,
                "batch_size": args.batch_size, "source": data["source"],
                "tokenizer": tok_desc, "main_params": n_main, "draft_params": n_draft, "costs_ms": costs,
                "delta": delta, "tau": tau, "epsilons": epsilons, "depth": args.depth, "exit_rule": args.exit_rule,
@@ -609,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                "designed_acceptance": designed if "task" in data else None,
                "argv": sys.argv[1:]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
+        jsonio.write(args.out, out)
         print(f"\nwritten {args.out}")
     return 0
 
