@@ -319,94 +319,152 @@ class _ForcedTokens:
         return self.tokens
 
 
+def forced_drafts(main, prompt, greedy: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``(consistent, {a: tokens [B, 3, 128]})``: drafts that strict verification accepts exactly ``a`` layers of.
+
+    Built from the verification call's own greedy layers (``self_consistent_prefix``), not from the baseline's
+    step-by-step layers: in bfloat16 on a GPU those differ in a near-tie token or two per layer, so a draft copied
+    from the baseline was accepted only up to layer 0 (the H200 run at 90feab5: a = 1, 2, 3 all accepted 1).
+    ``a < 3``: layer ``a`` is then changed in every token (rejected), the layers before it are kept."""
+    from rsd.models.vla_llm_main import self_consistent_prefix
+
+    consistent = self_consistent_prefix(main, prompt, greedy[:, :3])
+    out = {}
+    for a in VLA_FORCED:
+        tok = consistent.clone()
+        if a < 3:
+            tok[:, a] = (tok[:, a] + 1) % 7
+        out[a] = tok
+    return consistent, out
+
+
+def fault_hook(mode: str) -> None:
+    """Test hook: ``RSD_BENCH_FAULT=<mode>:raise`` or ``<mode>:segv`` makes that vla_llm mode fail (an exception, or
+    the process killing itself with SIGSEGV as inductor's CUDA-graph path did at 90feab5)."""
+    spec = os.environ.get("RSD_BENCH_FAULT", "")
+    if ":" not in spec or spec.split(":", 1)[0] != mode:
+        return
+    kind = spec.split(":", 1)[1]
+    if kind == "segv":
+        import signal
+
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+    raise RuntimeError(f"fault injected into vla_llm mode {mode!r} (RSD_BENCH_FAULT)")
+
+
 def bench_vla_llm(backbone: OpenVLAShapedBackbone, obs: dict, dtype: torch.dtype, device: torch.device, args,
                   accel: str, profile: dict | None, tokenizer) -> dict:
-    """Design 2 (``VLALLMMain`` on the backbone's Llama) for one cache mode; see the module docstring."""
+    """Design 2 (``VLALLMMain`` on the backbone's Llama) for one cache mode; see the module docstring.
+
+    A failure anywhere is recorded (``info.fallback``, the mode's row has no ``ms``), never raised."""
+    t0 = time.perf_counter()
+    info = {"accelerate": accel, "fallback": None}
+    lm = backbone.llm.model
+    original_forward = lm.forward
+    try:
+        res = _bench_vla_llm(backbone, obs, dtype, device, args, accel, profile, tokenizer, info, t0)
+    except Exception as exc:  # noqa: BLE001 - a failing mode (e.g. a compile/graph error) is recorded, not fatal
+        info["fallback"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        print(f"    vla_llm [{accel}] failed: {info['fallback']}", flush=True)
+        return {"info": info, "setup_s": time.perf_counter() - t0}
+    finally:
+        lm.forward = original_forward
+    return res
+
+
+def _bench_vla_llm(backbone, obs, dtype, device, args, accel, profile, tokenizer, info, t0) -> dict:
     from transformers import StaticCache
 
-    from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain, crop_cache
+    from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain
 
-    t0 = time.perf_counter()
+    fault_hook(accel)
     torch.manual_seed(args.seed)
     lm = backbone.llm.model
     main = VLALLMMain(lm).to(device=device, dtype=dtype).eval()
     d = backbone.hidden_dim
     draft = (RFSQDraftModelWithProjection(input_dim=d, hidden_dim=64, num_heads=4, feedforward_dim=128, dropout=0.0)
              if args.tiny else RFSQDraftModelWithProjection(input_dim=d, dropout=0.0)).to(device=device, dtype=dtype).eval()
-    info = {"accelerate": accel, "fallback": None}
     with torch.inference_mode():
         embeds = backbone.embeddings(obs)
     length = int(embeds.shape[1])
     static = None
     if accel in ("static", "static_compile"):
         static = StaticCache(config=lm.config, max_cache_len=length + main.num_layers)
-    original_forward = lm.forward
     if accel == "static_compile":
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-        lm.forward = torch.compile(original_forward, mode=mode, dynamic=False)
+        lm.forward = torch.compile(lm.forward, mode=mode, dynamic=False)
         info["compile"] = mode
     kw = main._cache_kw
 
     def prefill() -> LLMPrompt:
         e = backbone.embeddings(obs)
-        if static is not None:
-            crop_cache(static, 0)  # reuse the preallocated cache (static addresses for the graphs)
+        if static is not None:  # reuse the preallocated cache (static addresses for the graphs): rewind it
+            from rsd.models.vla_llm_main import crop_cache
+
+            crop_cache(static, 0)
         out = lm(inputs_embeds=e, use_cache=True, **({kw: static} if static is not None else {}))
         cache = static if static is not None else getattr(out, kw, None) or out.past_key_values
         return LLMPrompt(out.last_hidden_state[:, -1], cache, length)
 
-    try:
-        with torch.inference_mode():
-            prompt = prefill()
-            base = RSDInferenceEngine(main, mode="baseline", tokenizer=tokenizer, device=device)
-            greedy = base.predict(prompt, decode=False).tokens
-            forced = {}
-            for a in VLA_FORCED:
-                tok = greedy[:, :3].clone()
-                if a < 3:
-                    tok[:, a] = (tok[:, a] + 1) % 7
-                forced[a] = RSDInferenceEngine(main, _ForcedTokens(draft, tok), mode="strict", tokenizer=tokenizer,
-                                               device=device)
-            equal = {}
-            for a, eng in forced.items():
-                out = eng.predict(prefill(), decode=False)
-                equal[a] = {"accepted": out.accepted_length, "tokens_equal_baseline": bool(torch.equal(out.tokens, greedy)),
-                            "tokens_differing": int((out.tokens != greedy).sum())}
+    with torch.inference_mode():
+        prompt = prefill()
+        base = RSDInferenceEngine(main, mode="baseline", tokenizer=tokenizer, device=device)
+        greedy = base.predict(prompt, decode=False).tokens
+        consistent, drafts = forced_drafts(main, prompt, greedy)
+        forced = {a: RSDInferenceEngine(main, _ForcedTokens(draft, tok), mode="strict", tokenizer=tokenizer,
+                                        device=device) for a, tok in drafts.items()}
+        equal = {"verify_vs_steps_tokens_differing": [int((consistent[:, k] != greedy[:, k]).sum()) for k in range(3)]}
+        for a, eng in forced.items():
+            out = eng.predict(prefill(), decode=False)
+            equal[a] = {"requested": a, "accepted": out.accepted_length, "accepted_as_forced": out.accepted_length == a,
+                        "tokens_equal_baseline": bool(torch.equal(out.tokens, greedy)),
+                        "tokens_differing": int((out.tokens != greedy).sum())}
+        bad = [a for a in VLA_FORCED if not equal[a]["accepted_as_forced"]]
+        if bad:
+            raise RuntimeError(f"forced acceptance failed for a = {bad}: {equal}")
 
-            def verify():
-                return main.score(prompt, greedy[:, :3], main.new_cache(1))
+        def verify():
+            return main.score(prompt, consistent, main.new_cache(1))
 
-            cache = main.new_cache(1)
-            main.score(prompt, greedy[:, :3], cache)
+        cache = main.new_cache(1)
 
-            def step():
-                cache.truncate(4)
-                return main.extend(greedy[:, 3:4], cache)
+        def step():
+            cache.truncate(4)
+            return main.extend(greedy[:, 3:4], cache)
 
-            ops = {"backbone": prefill, "draft": lambda: draft.propose(prompt), "verify": verify, "step": step,
-                   "baseline": lambda: base.predict(prefill())}
-            for a, eng in forced.items():
-                ops[f"strict_a{a}"] = (lambda e=eng: e.predict(prefill()))
-            ms = {}
-            for name, fn in ops.items():
-                if name in ("verify", "step", "draft"):  # re-attach the prompt's sequence before these
-                    prompt = prefill()
-                    cache = main.new_cache(1)
-                    main.score(prompt, greedy[:, :3], cache)
-                ms[name] = timed(fn, args.backbone_iters, args.backbone_warmup, device)
-                print(f"    vla_llm [{accel}] {name}: {ms[name]['median']:.3f} ms", flush=True)
-    except Exception as exc:  # noqa: BLE001 - a failing mode (e.g. a compile/graph error) is recorded, not fatal
-        lm.forward = original_forward
-        info["fallback"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        print(f"    vla_llm [{accel}] failed: {info['fallback']}", flush=True)
-        return {"info": info, "setup_s": time.perf_counter() - t0}
-    lm.forward = original_forward
+        # decode only (the prompt prefilled once; score() rewinds its cache): the parts' sum is comparable
+        ops = {"backbone": prefill, "draft": lambda: draft.propose(prompt), "verify": verify, "step": step,
+               "tokens_baseline": lambda: base.predict(prompt, decode=False)}
+        for a, eng in forced.items():
+            ops[f"tokens_a{a}"] = (lambda e=eng: e.predict(prompt, decode=False))
+        ops["baseline"] = lambda: base.predict(prefill())
+        for a, eng in forced.items():
+            ops[f"strict_a{a}"] = (lambda e=eng: e.predict(prefill()))
+        ms = {}
+        for name, fn in ops.items():
+            if name in ("draft", "verify", "step", "tokens_baseline"):  # re-attach the prompt's sequence
+                prompt = prefill()
+                cache = main.new_cache(1)
+                main.score(prompt, consistent, cache)
+            ms[name] = timed(fn, args.backbone_iters, args.backbone_warmup, device)
+            print(f"    vla_llm [{accel}] {name}: {ms[name]['median']:.3f} ms", flush=True)
     base_ms = ms["baseline"]["median"]
-    speed = {a: {"chunk_ms": ms[f"strict_a{a}"]["median"], "speedup": base_ms / ms[f"strict_a{a}"]["median"],
-                 "ideal_llm_forwards": 7 / (8 - a)} for a in VLA_FORCED}
+    step_ms, verify_ms, draft_ms = ms["step"]["median"], ms["verify"]["median"], ms["draft"]["median"]
+    speed = {}
+    for a in VLA_FORCED:
+        steps = 4 if a == 3 else 7 - a
+        parts = draft_ms + verify_ms + steps * step_ms
+        tok = ms[f"tokens_a{a}"]["median"]
+        speed[a] = {"chunk_ms": ms[f"strict_a{a}"]["median"], "speedup": base_ms / ms[f"strict_a{a}"]["median"],
+                    "ideal_llm_forwards": 7 / (8 - a), "tokens_ms": tok,
+                    "tokens_speedup": ms["tokens_baseline"]["median"] / tok,
+                    "parts_ms": parts, "overhead_ms": tok - parts, "llm_steps_after_verify": steps}
     res = {"info": info, "setup_s": time.perf_counter() - t0, "ms": ms, "prompt_tokens": length,
            "new_params_m": round(sum(v.numel() for v in main.new_parameters().values()) / 1e6, 2),
            "strict_check": equal, "forced": speed,
+           "baseline_tokens": {"ms": ms["tokens_baseline"]["median"], "parts_ms": 7 * step_ms,
+                               "overhead_ms": ms["tokens_baseline"]["median"] - 7 * step_ms},
            "decode_ms": {"baseline": base_ms - ms["backbone"]["median"]},
            "per_action_ms": {"baseline": base_ms / CHUNK_LEN, **{f"strict_a{a}": v["chunk_ms"] / CHUNK_LEN
                                                                  for a, v in speed.items()}}}
@@ -415,6 +473,39 @@ def bench_vla_llm(backbone: OpenVLAShapedBackbone, obs: dict, dtype: torch.dtype
         res["profile"] = {**profile, "expected_chunk_ms": expected, "speedup": base_ms / expected,
                           "ideal_llm_forwards": 7 / sum(p * (8 - a) for a, p in enumerate(profile["p"]))}
     return res
+
+
+def run_child(cmd: list[str], out_path: Path, timeout: float) -> dict:
+    """Run ``cmd`` (a child benchmark that writes its row as JSON to ``out_path``) and return that row; a child
+    that dies (a signal such as SIGSEGV, a non-zero exit, a timeout) gives a row with the reason instead."""
+    import signal
+    import subprocess
+
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or "")[-2000:] if isinstance(exc.stdout, str) else ""
+        return {"info": {"fallback": f"child process timed out after {timeout:.0f} s", "isolated": True},
+                "child": {"returncode": None, "output_tail": tail}, "setup_s": time.perf_counter() - t0}
+    if res.stdout:
+        print("\n".join("    | " + line for line in res.stdout.rstrip().splitlines()[-40:]), flush=True)
+    if res.returncode == 0 and out_path.is_file():
+        row = json.loads(out_path.read_text())
+        for key in ("forced", "strict_check"):  # JSON made the forced accepted lengths strings
+            if isinstance(row.get(key), dict):
+                row[key] = {int(k) if str(k).isdigit() else k: v for k, v in row[key].items()}
+        row.setdefault("info", {})["isolated"] = True
+        return row
+    rc = res.returncode
+    why = (f"child process killed by signal {signal.Signals(-rc).name}" if rc < 0
+           else f"child process exited with code {rc}")
+    err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    if err and rc > 0:
+        why += f": {err[-1][:300]}"
+    return {"info": {"fallback": why, "isolated": True},
+            "child": {"returncode": rc, "output_tail": (res.stdout + res.stderr)[-2000:]},
+            "setup_s": time.perf_counter() - t0}
 
 
 def vla_targets(vla_rows: dict, head_rows: list[dict], ar_action_ms: float) -> dict:
@@ -465,6 +556,21 @@ def print_vla_tables(name: str, dt: str, vla: dict) -> None:
         print(f"| {accel} | " + " | ".join(f"{f[a]['speedup']:.2f}x / {f[a]['ideal_llm_forwards']:.2f}x"
                                            for a in VLA_FORCED)
               + (f" | {prof['speedup']:.2f}x / {prof['ideal_llm_forwards']:.2f}x |" if prof else " | - |"))
+    print("\ndecode only (prompt prefilled once), median ms: measured vs its parts (draft + verify + steps x step); "
+          "overhead = measured - parts:\n")
+    print("| cache | baseline (7 steps) | a=0 | a=1 | a=2 | a=3 | a=3 speedup (ideal 1.40x) | strict check: accepted "
+          "a=0..3 | verify vs steps, tokens differing in layers 0..2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for accel, r in vla["rows"].items():
+        if "ms" not in r:
+            continue
+        f, bt, chk = r["forced"], r["baseline_tokens"], r["strict_check"]
+        print(f"| {accel} | {bt['ms']:.3f} (+{bt['overhead_ms']:.3f}) | "
+              + " | ".join(f"{f[a]['tokens_ms']:.3f} (parts {f[a]['parts_ms']:.3f}, +{f[a]['overhead_ms']:.3f})"
+                           for a in VLA_FORCED)
+              + f" | {f[3]['tokens_speedup']:.2f}x | "
+              + " / ".join(str(chk[a]["accepted"]) for a in VLA_FORCED)
+              + f" | {chk['verify_vs_steps_tokens_differing']} |")
     for key, t in vla["targets"].items():
         met = t.get("met")
         state = "not measured" if met is None else ("met" if met else "NOT met")
@@ -763,8 +869,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--acceptance-json", default=None,
                    help="a CPU benchmark JSON (scripts/benchmark_engine.py --out) whose acceptance profile weighs the "
                         "forced accepted lengths of the vla_llm design")
+    p.add_argument("--vla-isolate", default="static_compile",
+                   help="vla_llm cache modes run in a child process (comma-separated, 'all' or 'none'; default "
+                        "static_compile): a segfault there (inductor's CUDA graphs) costs that row, not the run")
+    p.add_argument("--vla-child-timeout", type=float, default=900.0, help="seconds per isolated vla_llm mode")
+    p.add_argument("--vla-child", default=None, help=argparse.SUPPRESS)  # internal: run one mode, write its row
+    p.add_argument("--vla-child-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
     args = p.parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
@@ -779,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(vla_accels) - set(VLA_ACCEL):
         raise SystemExit(f"unknown --vla-accel {vla_accels}; choose from {VLA_ACCEL}")
     profile = acceptance_profile(args.acceptance_json)
+    isolate = set(vla_accels if args.vla_isolate == "all" else
+                  [] if args.vla_isolate == "none" else [x.strip() for x in args.vla_isolate.split(",") if x.strip()])
     if use_backbone and args.backbone_scale == "full" and device.type != "cuda":
         build_backbone("full", torch.float32, device, args.prompt_tokens, args.seed)  # raises the explanation
     if use_backbone and args.backbone_scale == "tiny":
@@ -807,6 +922,39 @@ def main(argv: list[str] | None = None) -> int:
         machine["transformers"] = transformers.__version__
     print(f"machine: {machine}; iters {args.iters}, warmup {args.warmup}; "
           f"models: {'tiny' if args.tiny else 'default size'}, hidden {args.hidden_dim}", flush=True)
+
+    if args.vla_child:  # one vla_llm mode in this (child) process: its row as JSON, nothing else
+        dtype = getattr(torch, dtypes[0])
+        backbone, obs = build_backbone(args.backbone_scale, dtype, device, args.prompt_tokens, args.seed)
+        torch.manual_seed(args.seed)
+        tokenizer = RFSQTokenizer().to(device).eval()
+        row = bench_vla_llm(backbone, obs, dtype, device, args, args.vla_child, profile, tokenizer)
+        Path(args.vla_child_out).write_text(json.dumps(row, default=str) + "\n")
+        return 0
+
+    def child_row(vaccel: str, dt: str) -> dict:
+        import tempfile
+
+        keep = []
+        skip = {"--out", "--dtypes", "--vla-accel", "--designs", "--vla-child", "--vla-child-out"}
+        it = iter(raw_argv)
+        for a in it:
+            name = a.split("=", 1)[0]
+            if name in skip:
+                if "=" not in a:
+                    next(it, None)
+                continue
+            keep.append(a)
+        with tempfile.TemporaryDirectory() as tmp:
+            out_path = Path(tmp) / "row.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--device", str(device), "--dtypes", dt,
+                   "--designs", "vla_llm", "--vla-accel", vaccel, "--vla-child", vaccel,
+                   "--vla-child-out", str(out_path)]
+            row = run_child(cmd, out_path, args.vla_child_timeout)
+        row.setdefault("info", {}).setdefault("accelerate", vaccel)
+        if row["info"].get("fallback") and "ms" not in row:
+            print(f"    vla_llm [{vaccel}] failed (child process): {row['info']['fallback']}", flush=True)
+        return row
 
     rows = []
     vla: dict = {}
@@ -883,7 +1031,11 @@ def main(argv: list[str] | None = None) -> int:
             vla[dt] = {"rows": {}}
             for vaccel in vla_accels:
                 print(f"[{dt} vla_llm {vaccel}] ...", flush=True)
-                vla[dt]["rows"][vaccel] = bench_vla_llm(backbone, obs, dtype, device, args, vaccel, profile, tokenizer)
+                if vaccel in isolate:
+                    vla[dt]["rows"][vaccel] = child_row(vaccel, dt)
+                else:
+                    vla[dt]["rows"][vaccel] = bench_vla_llm(backbone, obs, dtype, device, args, vaccel, profile,
+                                                            tokenizer)
                 write_out()
             vla[dt]["targets"] = vla_targets(vla[dt]["rows"], [r for r in rows if r["dtype"] == dt],
                                              bb["results"][dt]["ms"]["ar_action"]["median"])

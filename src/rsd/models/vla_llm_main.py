@@ -110,17 +110,51 @@ def as_cache(cache: Any) -> Any:
 
 
 def cache_length(cache: Any) -> int:
-    """Number of cached positions as a python int (a ``StaticCache`` counts with a tensor)."""
+    """Number of cached positions as a python int (a ``StaticCache`` counts with a tensor: on a GPU this
+    reads it back, a host synchronization; the decoding path never calls it, see :func:`crop_cache`)."""
     return int(cache.get_seq_length())
 
 
+def _is_static_layer(layer: Any) -> bool:
+    """A preallocated layer (``StaticLayer``): fixed ``max_cache_len`` buffers written at ``cumulative_length``."""
+    return torch.is_tensor(getattr(layer, "cumulative_length", None)) and hasattr(layer, "max_cache_len")
+
+
 def crop_cache(cache: Any, length: int) -> None:
-    """Keep the first ``length`` positions (``crop(-n)`` removes ``n``: the form every version accepts)."""
-    remove = cache_length(cache) - int(length)
-    if remove < 0:
-        raise ValueError(f"cannot crop a cache of {cache_length(cache)} positions to {length}")
-    if remove:
-        cache.crop(-remove)
+    """Keep the first ``length`` positions, with no cache method that one transformers version lacks.
+
+    Per layer: a static layer (``StaticLayer``: ``cumulative_length`` tensor, the write position) gets its
+    write position set in place to ``length`` (``fill_``: same tensor, so static addresses for CUDA graphs
+    stay; nothing is read back to the host; the stale entries after it are masked as future positions and
+    overwritten by the next forward). ``StaticLayer.crop`` is not used: transformers 5.17 lacks it. A dynamic
+    layer is cut with ``layer.crop(-n)`` (``n`` from its tensor shape; every 5.x accepts the negative form).
+    A cache without per-layer objects (older transformers): ``cache.crop(-n)``.
+    """
+    length = int(length)
+    if length < 0:
+        raise ValueError(f"cannot crop a cache to {length} positions")
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        remove = cache_length(cache) - length
+        if remove < 0:
+            raise ValueError(f"cannot crop a cache of {cache_length(cache)} positions to {length}")
+        if remove:
+            cache.crop(-remove)
+        return
+    for layer in layers:
+        if not getattr(layer, "is_initialized", True):
+            continue
+        if _is_static_layer(layer):
+            if length > int(layer.max_cache_len):
+                raise ValueError(f"cannot crop a static cache of {layer.max_cache_len} positions to {length}")
+            layer.cumulative_length.fill_(length)
+            continue
+        keys = getattr(layer, "keys", None)
+        current = int(keys.shape[-2]) if torch.is_tensor(keys) else int(layer.get_seq_length())
+        if length > current:
+            raise ValueError(f"cannot crop a cache of {current} positions to {length}")
+        if length < current:
+            layer.crop(length - current)
 
 
 def find_language_model(vlm: nn.Module) -> nn.Module:
@@ -166,6 +200,14 @@ class LLMPrompt:
         self.cache = cache
         self.length = int(length)
         self.attention_mask = attention_mask
+        #: positions in ``cache`` as the decoding path left them (host-side; None: unknown, crop to be sure)
+        self.kv_length: int | None = self.length
+
+    def set_kv_length(self, length: int) -> None:
+        """Crop the KV cache to ``length`` positions unless it is known to hold exactly that many."""
+        if self.kv_length != length:
+            crop_cache(self.cache, length)
+            self.kv_length = int(length)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -180,7 +222,13 @@ class LLMPrompt:
 
     def to(self, *args, **kwargs) -> LLMPrompt:
         """Moves / casts ``hidden`` only (the cache stays where the LLM is)."""
-        return LLMPrompt(self.hidden.to(*args, **kwargs), self.cache, self.length, self.attention_mask)
+        hidden = self.hidden.to(*args, **kwargs)
+        if hidden is self.hidden:  # nothing to move (the engine's call on the LLM's own device / dtype)
+            return self
+        moved = LLMPrompt(hidden, self.cache, self.length, self.attention_mask)
+        moved.kv_length = None  # the two objects share the cache: neither can vouch for its length any more
+        self.kv_length = None
+        return moved
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -219,7 +267,7 @@ class LLMLayerCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
         if self.prompt is not None and length >= 1:
-            crop_cache(self.prompt.cache, self.kv_positions(length))
+            self.prompt.set_kv_length(self.kv_positions(length))
         self.length = length
 
 
@@ -294,11 +342,12 @@ class VLALLMMain(nn.Module):
         prompt = cache.prompt
         mask = None
         if prompt.attention_mask is not None and not bool(prompt.attention_mask.all()):
-            past = cache_length(prompt.cache)
-            extra = past - prompt.length + x.shape[1]
+            extra = cache.kv_positions() - prompt.length + x.shape[1]
             mask = torch.cat([prompt.attention_mask, prompt.attention_mask.new_ones(x.shape[0], extra)], dim=1)
         out = self.language_model(inputs_embeds=x.to(next(self.language_model.parameters()).dtype),
                                   attention_mask=mask, use_cache=True, **{self._cache_kw: prompt.cache})
+        if prompt.kv_length is not None:
+            prompt.kv_length += int(x.shape[1])
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _check_prompt(self, prompt: Any) -> LLMPrompt:
@@ -327,7 +376,7 @@ class VLALLMMain(nn.Module):
         if k and layers_prefix.shape[0] != prompt.shape[0]:
             raise ValueError(f"batch mismatch: prompt {tuple(prompt.shape)} vs layers {tuple(layers_prefix.shape)}")
         cache.prompt = prompt
-        crop_cache(prompt.cache, prompt.length)  # drop what an earlier sequence on this prompt appended
+        prompt.set_kv_length(prompt.length)  # drop what an earlier sequence on this prompt appended
         logits = self.head(prompt.hidden.unsqueeze(1), 0)
         if k:
             h = self._llm(self.embed_layers(layers_prefix, 1), cache)
@@ -344,7 +393,7 @@ class VLALLMMain(nn.Module):
         m = layers.shape[1]
         if n + m > self.num_layers:
             raise ValueError(f"depth positions {n}..{n + m - 1} exceed the {self.num_layers} RFSQ layers")
-        crop_cache(cache.prompt.cache, cache.kv_positions(n))
+        cache.prompt.set_kv_length(cache.kv_positions(n))
         h = self._llm(self.embed_layers(layers, n), cache)
         cache.length = n + m
         return self.head(h, n)
@@ -355,6 +404,27 @@ class VLALLMMain(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def self_consistent_prefix(main: Any, prompt: Any, layers: torch.Tensor) -> torch.Tensor:
+    """Layers ``[B, n, 128]`` that the verification call reproduces: ``main.score(prompt, x)``'s greedy
+    layer ``j`` equals ``x[:, j]`` for every ``j < n`` (starting from ``layers``, e.g. the baseline's).
+
+    Why: a verification call scores ``n`` positions in one forward; the baseline computes them one step at a
+    time. In float32 the two agree up to ~1e-6; in bfloat16 on a GPU the kernels for 1 and 3 positions round
+    differently and a layer of 128 tokens almost always holds a near-tie, so the baseline's own layers are
+    NOT accepted by strict verification (forcing ``a = 3`` then accepted 1). A draft forced to be accepted
+    must be built from the verification call itself. Layer ``j``'s verified tokens depend only on the
+    drafted layers ``< j`` (causal), so ``n`` rounds reach the fixed point.
+    """
+    x = layers.clone()
+    n = int(x.shape[1])
+    for _ in range(n + 1):
+        verified = main.score(prompt, x, main.new_cache(x.shape[0])).argmax(-1)[:, :n].to(x.dtype)
+        if torch.equal(verified, x):
+            return x
+        x = verified
+    raise RuntimeError("the verification call does not reach a fixed point (non-deterministic kernels?)")
 
 
 # ---------------------------------------------------------------------- the backbone side: prefill
