@@ -767,6 +767,9 @@ def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torc
                                                    mode="strict", **kw),
                    "strict_a0": RSDInferenceEngine(m, d, mode="strict", **kw)}
         extra["chunk"] = bench_chunks(engines, obs, args)
+        extra["fused_head"] = bench_fused_head(main, tokenizer, hidden, accel, args, device,
+                                               RSDInferenceEngine(main, mode="baseline", tokenizer=tokenizer,
+                                                                  device=device))
         extra["chunk_accepted"] = {k: e.stats.mean_accepted_length for k, e in engines.items() if k != "baseline"}
     return {**extra, "accelerate": accel, "info": dict(info), "setup_s": setup_s,
             "ms": res, "accepted_a3": out_a3.accepted_length, "accepted_a0": out_a0.accepted_length,
@@ -776,6 +779,24 @@ def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torc
                                        "a3_tokens_differing": int((out_a3.tokens != greedy).sum()),
                                        "a0_tokens_differing": int((out_a0.tokens != greedy).sum())},
             "_check": check}
+
+
+def bench_fused_head(main, tokenizer, hidden: torch.Tensor, accel: str, args, device: torch.device, engine) -> dict:
+    """The light head's decode (8 main steps + RFSQ decode + gripper) as ONE function (``rsd.engine.accelerate
+    .LightHead``: eager, ``compile`` or one captured ``cuda_graph`` for the row's mode): median ms, and whether its
+    tokens / actions equal the eager engine's baseline (else the count of differing tokens)."""
+    from rsd.engine.accelerate import LightHead
+
+    t0 = time.perf_counter()
+    head = LightHead(main, tokenizer, accel)
+    with torch.inference_mode():
+        ref = engine.predict(hidden)
+        tokens, actions = head(hidden)
+        ms = timed(lambda: head(hidden), args.iters, args.warmup, device)
+    return {"info": dict(head.info), "setup_s": time.perf_counter() - t0, "ms": ms,
+            "tokens_equal_engine": bool(torch.equal(tokens, ref.tokens)),
+            "tokens_differing": int((tokens != ref.tokens).sum()), "tokens_total": int(tokens.numel()),
+            "actions_max_abs_diff": float((actions.float() - ref.actions.float()).abs().max())}
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -1013,6 +1034,17 @@ def main(argv: list[str] | None = None) -> int:
             r["speedup_a0"] = r["ms"]["baseline"]["median"] / r["ms"]["strict_a0"]["median"]
             if use_backbone:
                 r["chunk_summary"] = chunk_summary(r["chunk"], bb["results"][dt], r["ms"]["draft"]["median"])
+                fh, bk = r["fused_head"], bb["results"][dt]["ms"]["backbone"]["median"]
+                fh["pct_of_backbone"] = 100.0 * fh["ms"]["median"] / bk
+                fh["draft_plus_fused_pct_of_backbone"] = 100.0 * (fh["ms"]["median"] + r["ms"]["draft"]["median"]) / bk
+                fh["draft_ms"] = r["ms"]["draft"]["median"]
+                fh["target_met"] = fh["draft_plus_fused_pct_of_backbone"] <= TARGET_HEAD_PCT
+                print(f"[{dt} {accel}] light head as one function ({fh['info']['mode']}): {fh['ms']['median']:.3f} ms "
+                      f"= {fh['pct_of_backbone']:.1f} % of the backbone; + draft {fh['draft_ms']:.3f} ms: "
+                      f"{fh['draft_plus_fused_pct_of_backbone']:.1f} % (target <= {TARGET_HEAD_PCT} %); tokens == "
+                      f"engine's: {fh['tokens_equal_engine']} ({fh['tokens_differing']} of {fh['tokens_total']} "
+                      f"differ)" + (f"; fell back: {fh['info']['fallback']}" if fh["info"]["fallback"] else ""),
+                      flush=True)
             print(f"[{dt} {accel}] in use: draft {r['info']['draft']}, main {r['info']['main']}; setup "
                   f"{r['setup_s']:.1f} s; baseline {r['ms']['baseline']['median']:.3f} ms, strict a=3 "
                   f"{r['ms']['strict_a3']['median']:.3f} ms (accepted {r['accepted_a3']}), tokens == eager: "

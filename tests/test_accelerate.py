@@ -349,3 +349,46 @@ def test_gpu_latency_benchmark_openvla_shaped_backbone_tiny_cpu(tmp_path):
     assert pct["met"] == (max(pct["a3"], pct["a0"]) <= 5.0)
     ratio = t["ar_over_rsd_per_action"]
     assert ratio["met"] == (min(ratio["a3"], ratio["a0"]) >= 20.0)
+
+
+def _light_head_case():
+    from rsd.tokenizer.rfsq import RFSQTokenizer
+
+    main, _ = _models()
+    torch.manual_seed(3)
+    tok = RFSQTokenizer().eval()
+    h = _hidden(2)
+    ref = RSDInferenceEngine(main, mode="baseline", tokenizer=tok).predict(h)
+    return main, tok, h, ref
+
+
+@pytest.mark.parametrize("mode,options", [("eager", None), ("compile", {"backend": "aot_eager"}),
+                                          ("cuda_graph", None)])
+def test_light_head_as_one_function_equals_the_engines_baseline(mode, options):
+    """main steps + RFSQ decode + gripper as one function (issue 21, item 4): the same computation as the engine's
+    baseline (bit-equal tokens and actions); traced by dynamo/AOT without inductor here; cuda_graph on CPU falls
+    back to eager with the reason."""
+    from rsd.engine.accelerate import LightHead
+
+    main, tok, h, ref = _light_head_case()
+    head = LightHead(main, tok, mode, compile_options=options)
+    for _ in range(2):  # the second call reuses the preallocated cache (and the compiled graph)
+        tokens, actions = head(h)
+        assert torch.equal(tokens, ref.tokens) and torch.equal(actions, ref.actions)
+    if mode == "cuda_graph" and not torch.cuda.is_available():
+        assert head.info["mode"] == "eager" and "CUDA" in head.info["fallback"]
+    else:
+        assert head.info["mode"] == mode and head.info["fallback"] is None, head.info
+
+
+@pytest.mark.slow
+def test_light_head_inductor_equals_eager():
+    """The real torch.compile (inductor, C++ on CPU; ~30 s on a 2-core CPU): bit-equal tokens and actions in float32."""
+    from rsd.engine.accelerate import LightHead
+
+    main, tok, h, ref = _light_head_case()
+    head = LightHead(main, tok, "compile")
+    tokens, actions = head(h)
+    if head.info["fallback"] is not None:
+        pytest.skip(f"no inductor here: {head.info['fallback']}")
+    assert torch.equal(tokens, ref.tokens) and torch.equal(actions, ref.actions)

@@ -119,13 +119,15 @@ class _GraphedFn:
             static_out = self.fn(static_in)
         return static_in, static_out, graph
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor):
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self.graphs:
             self.graphs[key] = self._capture(x)
         static_in, static_out, graph = self.graphs[key]
         static_in.copy_(x)
         graph.replay()
+        if isinstance(static_out, tuple):
+            return tuple(t.clone() for t in static_out)
         return static_out.clone()  # the next replay overwrites static_out
 
 
@@ -283,3 +285,100 @@ def accelerate_models(draft, main, mode: str = "eager", device: torch.device | s
         fallback.fail(f"torch.compile setup failed: {_reason(exc)}")
         return draft, main, info
     return draft_like, main_like, info
+
+
+# ---------------------------------------------------------------------- the light head as one function
+LIGHT_HEAD_MODES = ("eager", "compile", "cuda_graph")
+
+
+class LightHead:
+    """The light-head design's whole decode as ONE function: ``hidden [B, D] -> (tokens [B, 8, 128], actions
+    [B, 8, 7])`` = the main decoder's 8 greedy steps (``score`` + 7 ``extend``, a preallocated KV cache per batch
+    size, positions fixed in the code) + RFSQ decode (``dequantize`` -> ``decode_latent`` -> ``unnormalize``) +
+    gripper binarization: what ``RSDInferenceEngine(mode="baseline")`` computes, with no host synchronization
+    (the code range check of ``RFSQTokenizer.decode`` is skipped: argmax codes are in range by construction).
+
+    ``mode``: ``eager``; ``compile`` (``torch.compile(dynamic=False)`` of the function; on CUDA
+    ``mode="reduce-overhead"``: inductor's CUDA graphs); ``cuda_graph`` (the function captured as one
+    ``torch.cuda.CUDAGraph`` per input shape and replayed; CUDA only, else eager with the reason in
+    ``info["fallback"]``). A failing accelerated call falls back to eager (``info["fallback"]``). Baseline decoding
+    only: speculation's accepted length is data-dependent control flow (one graph per outcome would be needed),
+    and in this design it saves at most the ~0.15 ms of a few small steps (issue 21).
+    """
+
+    def __init__(self, main, tokenizer, mode: str = "eager", gripper_dim: int | None = 6,
+                 compile_options: dict | None = None) -> None:
+        if mode not in LIGHT_HEAD_MODES:
+            raise ValueError(f"mode must be one of {LIGHT_HEAD_MODES}, got {mode!r}")
+        self.main, self.tokenizer, self.gripper_dim = main, tokenizer, gripper_dim
+        self.num_layers = int(getattr(main, "num_layers", 8))
+        self.info = {"requested": mode, "mode": mode, "fallback": None}
+        self._caches: dict[int, object] = {}
+        self._fn = self.decode_eager
+        device = _device_of(main, torch.device("cpu"))
+        if mode == "cuda_graph":
+            if device.type != "cuda" or not torch.cuda.is_available():
+                self._fail(f"cuda_graph needs a CUDA device, the main decoder runs on {device.type}")
+            else:
+                self._fn = _GraphedFn(self.decode_eager)
+        elif mode == "compile":
+            options = dict(compile_options) if compile_options else {
+                "mode": "reduce-overhead" if device.type == "cuda" else "default"}
+            options.setdefault("dynamic", False)
+            fn = torch.compile(self.decode_eager, **options)
+            if device.type == "cuda" and options.get("mode") == "reduce-overhead":
+                def run(hidden, _fn=fn):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return tuple(t.clone() for t in _fn(hidden))
+                self._fn = run
+            else:
+                self._fn = fn
+
+    def _fail(self, reason: str) -> None:
+        self.info.update(mode="eager", fallback=reason)
+        self._fn = self.decode_eager
+
+    def _cache(self, batch_size: int):
+        cache = self._caches.get(batch_size)
+        if cache is None:
+            with torch.inference_mode(False):  # normal tensors: static addresses across inference calls
+                cache = self.main.new_cache(batch_size)
+            for t in (*cache.keys, *cache.values):
+                t.zero_()
+                try:
+                    torch._dynamo.mark_static_address(t)
+                except Exception:  # noqa: BLE001 - then inductor only skips its CUDA graphs
+                    pass
+            self._caches[batch_size] = cache
+        return cache
+
+    def decode_eager(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from rsd.tokenizer.layout import layers_to_codes
+
+        cache = self._cache(hidden.shape[0])
+        cache.length = 0
+        token = self.main.score(hidden, None, cache)[:, 0].argmax(-1)
+        layers = [token]
+        for _ in range(1, self.num_layers):
+            token = self.main.extend(token.unsqueeze(1), cache)[:, 0].argmax(-1)
+            layers.append(token)
+        tokens = torch.stack(layers, dim=1)
+        tok = self.tokenizer
+        z = tok.quantizer.dequantize(layers_to_codes(tokens).to(tok.normalizer.q01.device), None,
+                                     dtype=tok.decoder.linear.weight.dtype)
+        actions = tok.normalizer.unnormalize(tok.decode_latent(z))
+        if self.gripper_dim is not None:
+            g = actions[..., self.gripper_dim]
+            actions = torch.cat([actions[..., :self.gripper_dim], torch.where(g > 0, 1.0, -1.0).to(actions.dtype)
+                                 .unsqueeze(-1), actions[..., self.gripper_dim + 1:]], dim=-1)
+        return tokens, actions
+
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._cache(hidden.shape[0])  # allocated outside the compiled / captured function
+        if self._fn is not self.decode_eager:
+            try:
+                return self._fn(hidden)
+            except Exception as exc:  # noqa: BLE001 - no compiler, capture error, ...: eager, with the reason
+                self._fail(f"the light head failed: {_reason(exc)}")
+        return self.decode_eager(hidden)
