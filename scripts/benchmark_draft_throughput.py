@@ -133,7 +133,7 @@ def main() -> None:
 
     # ---- this project: the memory-mapped cache
     t0 = time.perf_counter()
-    dm = FeatureCacheDataModule(str(cache), batch_size=args.batch_size, build_if_missing=False)
+    dm = FeatureCacheDataModule(str(cache), batch_size=args.batch_size)
     dm.setup("fit")
     cache_loader = dm.train_dataloader()
     open_s = time.perf_counter() - t0

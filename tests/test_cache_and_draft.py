@@ -95,7 +95,7 @@ def _compose(overrides: list[str]):
 
 def _train_overrides(tmp_path: Path, cache_dir: Path, *extra: str, run: str = "r1") -> list[str]:
     return ["experiment=draft_proj", f"data.cache_dir={cache_dir}", f"data.tokenizer_identity={TOKENIZER_ID}",
-            f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+            f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'logs/draft_proj/runs' / run}",
             "logger=csv", "callbacks.progress_bar=null", "trainer.accelerator=cpu",
             "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", *extra]
@@ -184,8 +184,7 @@ def test_cache_roundtrip_and_datamodule(tmp_path: Path) -> None:
     manifest, arrays = open_cache(cache)
     assert manifest["num_frames"] == 8 * 24 and manifest["num_val_episodes"] == 2
     assert isinstance(arrays["hidden"], np.memmap)
-    dm = FeatureCacheDataModule(str(cache), batch_size=16, tokenizer_identity=TOKENIZER_ID, backbone=BACKBONE,
-                                build_if_missing=False)
+    dm = FeatureCacheDataModule(str(cache), batch_size=16, tokenizer_identity=TOKENIZER_ID, backbone=BACKBONE)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -211,12 +210,12 @@ def test_cache_mismatches_are_refused(tmp_path: Path) -> None:
     for kwargs, match in (({"tokenizer_identity": "rfsq-other"}, "tokenizer"),
                           ({"backbone": {"name": "sim_state", "hidden_dim": 128}}, "hidden_dim"),
                           ({"suite": "libero_goal"}, "suite")):
-        dm = FeatureCacheDataModule(str(cache), build_if_missing=False, **kwargs)
+        dm = FeatureCacheDataModule(str(cache), **kwargs)
         with pytest.raises(CacheMismatchError, match=match):
             dm.setup("fit")
     # missing cache without building; distill targets without their file; corrupt arrays
     with pytest.raises(CacheError, match="no feature cache"):
-        FeatureCacheDataModule(str(tmp_path / "none"), build_if_missing=False).prepare_data()
+        FeatureCacheDataModule(str(tmp_path / "none")).prepare_data()
     with pytest.raises(CacheError, match="distill_tokens.npy"):
         FeatureCacheDataModule(str(cache), targets="distill").setup("fit")
     np.save(cache / "tokens.npy", np.zeros((5, 8, 128), np.uint8))

@@ -1,4 +1,4 @@
-"""Soft distillation targets (``python -m rsd.engine.distill --soft``) and the KL-distilled draft (issue 13.2)."""
+"""Soft distillation targets (``python -m rsd.prepare.distill --soft``) and the KL-distilled draft (issue 13.2)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
 
 from rsd.data.cache import CacheError, read_manifest
 from rsd.data.cache_datamodule import FeatureCacheDataModule
-from rsd.engine.distill import main as distill_cli
-from rsd.engine.distill import teacher_probs
 from rsd.models.checkpoint import load_draft_checkpoint
 from rsd.models.lit_draft import DraftLitModule, distill_kl, tempered_teacher
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
+from rsd.prepare.distill import main as distill_cli
+from rsd.prepare.distill import teacher_probs
 from rsd.utils.config import CONFIG_DIR
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -92,7 +92,7 @@ def test_soft_targets_file(distilled_cache) -> None:
 
 def test_datamodule_soft_targets_and_errors(distilled_cache, tmp_path: Path) -> None:
     cache, main_path, _ = distilled_cache
-    dm = FeatureCacheDataModule(str(cache), batch_size=8, targets="distill_soft", build_if_missing=False)
+    dm = FeatureCacheDataModule(str(cache), batch_size=8, targets="distill_soft")
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     rows = batch["index"].numpy()
@@ -100,14 +100,14 @@ def test_datamodule_soft_targets_and_errors(distilled_cache, tmp_path: Path) -> 
     assert torch.equal(batch["targets"], torch.from_numpy(np.load(cache / "distill_tokens.npy")[rows, :3]).long())
     assert dm.cache_identity()["targets"] == "distill_soft"
     assert dm.cache_identity()["distill_source"]["path"] == str(main_path.resolve())
-    greedy_only = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill", build_if_missing=False)
+    greedy_only = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill")
     greedy_only.setup("fit")
     assert "soft_targets" not in next(iter(greedy_only.val_dataloader()))
     # missing file / sidecar, a file made for another cache: clear errors
     other = make_tiny_cache(tmp_path / "other", tokenizer="rfsq-other")  # same frame count, another tokenizer
 
     def soft_dm(**kw) -> FeatureCacheDataModule:
-        return FeatureCacheDataModule(str(other), targets="distill_soft", build_if_missing=False, **kw)
+        return FeatureCacheDataModule(str(other), targets="distill_soft", **kw)
 
     for name in ("distill_tokens.npy", "distill_tokens.json"):
         (other / name).write_bytes((cache / name).read_bytes())
@@ -132,8 +132,7 @@ def _validate(lit: DraftLitModule, dm: FeatureCacheDataModule) -> dict[str, floa
 
 def test_kl_distillation_raises_agreement_with_main(distilled_cache) -> None:
     cache, _, _ = distilled_cache
-    dm = FeatureCacheDataModule(str(cache), batch_size=32, val_batch_size=256, targets="distill_soft",
-                                build_if_missing=False)
+    dm = FeatureCacheDataModule(str(cache), batch_size=32, val_batch_size=256, targets="distill_soft")
     torch.manual_seed(0)
     lit = DraftLitModule(net=DRAFT_NET, lr=3e-3, warmup_steps=0, distill_temperature=2.0, distill_weight=1.0)
     before = _validate(lit, dm)
@@ -151,11 +150,12 @@ def test_kl_distillation_raises_agreement_with_main(distilled_cache) -> None:
 
 def test_train_kl_experiment_exports_the_main_model(distilled_cache, tmp_path: Path) -> None:
     cache, main_path, _ = distilled_cache
-    out = tmp_path / "logs/draft_proj_distill_kl/runs/r1"
+    out = tmp_path / "logs/draft_proj/runs/r1"
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "experiment=draft_proj_distill_kl", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
-            f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+            "experiment=draft_proj", f"data.cache_dir={cache}", f"data.distill_tokens={cache / 'distill_tokens.npy'}",
+            f"data.distill_probs={cache / 'distill_probs.npy'}", f"data.tokenizer_identity={TOKENIZER_ID}",
+            f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={out}", "logger=csv",
             "callbacks.progress_bar=null", "trainer.accelerator=cpu", "+trainer.fast_dev_run=true",
             *[f"model.net.{k}={v}" for k, v in DRAFT_NET.items() if k != "input_dim"]])

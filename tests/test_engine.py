@@ -18,10 +18,10 @@ from rsd.engine import (
     make_timer,
     relaxed_accept,
     strict_accept,
-    write_distill_tokens,
 )
 from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.models.main_decoder import RFSQMainDecoder
+from rsd.prepare.distill import write_distill_tokens
 from rsd.tokenizer.layout import layers_to_codes
 
 L, P, V = 8, 128, 7
@@ -521,15 +521,15 @@ def test_write_distill_tokens_feeds_the_draft_datamodule(tmp_path):
     engine = RSDInferenceEngine(main, mode="baseline").predict(hidden[:4]).tokens.numpy()
     assert np.array_equal(distill[:4][sure[:4]], engine[sure[:4]])
     # the CLI: the same tokens, and the sidecar names the main model's file and hash
-    from rsd.engine.distill import main as distill_cli
     from rsd.models.main_decoder import save_main_decoder
+    from rsd.prepare.distill import main as distill_cli
 
     save_main_decoder(main, tmp_path / "main_decoder.pt")
     assert distill_cli(["--main", str(tmp_path / "main_decoder.pt"), "--cache-dir", str(cache), "--device", "cpu"]) == 0
     assert np.array_equal(np.load(path)[sure], distill[sure])  # the CLI's batch size is 256
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["main"]["path"] == str((tmp_path / "main_decoder.pt").resolve()) and len(info["main"]["sha256"]) == 16
-    dm = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill", build_if_missing=False)
+    dm = FeatureCacheDataModule(str(cache), batch_size=4, targets="distill")
     dm.setup("fit")
     assert dm.cache_identity()["distill_source"]["path"] == info["main"]["path"]
     batch = next(iter(dm.val_dataloader()))

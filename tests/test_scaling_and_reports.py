@@ -425,7 +425,7 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
 
     cache = make_tiny_cache(tmp_path / "cache")  # 6 train / 2 val episodes of 24 frames
     common = ["experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
-              f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+              f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
               "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", "model.net.dropout=0.0",
               "model.lr=0",  # weights stay at their (seeded) init: the logged metrics are checkable here
               "logger=csv", "~callbacks.progress_bar", "~callbacks.lr_monitor"]

@@ -152,8 +152,7 @@ def test_coarse_prefix_error_decreases_with_layers_after_training(one_thread, tm
     from rsd.tokenizer.lit_rfsq import RFSQLitModule
 
     write_demo_folder(tmp_path / "demos", n_tasks=3, n_demos=20)
-    dm = ActionChunkDataModule(demos_dir=str(tmp_path / "demos"), batch_size=128, val_fraction=0.2,
-                               collect_missing=False)
+    dm = ActionChunkDataModule(demos_dir=str(tmp_path / "demos"), batch_size=128, val_fraction=0.2)
     L.seed_everything(0)
     lit = RFSQLitModule(net={"hidden_dim": 32, "mlp_depth": 1}, lr=1e-3, warmup_steps=20)
     trainer = L.Trainer(max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -252,7 +251,7 @@ def test_datamodule_splits_by_episode_and_fits_normalizer_on_train(tmp_path: Pat
     assert np.allclose(stats["q01"][:6], np.quantile(dm.train_actions[:, :6], 0.01, axis=0), atol=1e-5)
     assert stats["skip_dims"] == [6]
 
-    empty = ActionChunkDataModule(demos_dir=str(tmp_path / "none"), collect_missing=False)
+    empty = ActionChunkDataModule(demos_dir=str(tmp_path / "none"))
     with pytest.raises(DemosNotFoundError, match="python -m rsd.data.collect suite=libero_spatial"):
         empty.prepare_data()
 
@@ -272,7 +271,7 @@ def test_experiment_rfsq_composes_and_fast_dev_run_exports_tokenizer(tmp_path: P
             f"paths.tokenizer_dir={tmp_path / 'tok'}", f"paths.output_dir={tmp_path / 'out'}",
             f"paths.log_dir={tmp_path / 'logs'}", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu",
             "callbacks.progress_bar=null", "data.batch_size=64", "data.val_fraction=0.3",
-            "model.net.hidden_dim=32",
+            "model.net.hidden_dim=32", "prepare.until=null",
         ]
         full = compose(config_name="train", overrides=overrides, return_hydra_config=True)
         assert full.hydra.runtime.choices["experiment"] == "rfsq"
@@ -288,12 +287,12 @@ def test_experiment_rfsq_composes_and_fast_dev_run_exports_tokenizer(tmp_path: P
         metrics = entry.train(cfg)
     GlobalHydra.instance().clear()
     assert "val/mse_L8" in metrics and "val/mse_L1" in metrics
-    out = tmp_path / "tok" / "rfsq_libero_spatial.pt"
+    out = tmp_path / "tok" / "rfsq_libero_spatial" / "rfsq.pt"
     tok = RFSQTokenizer.load(out)
     assert tok.metadata["data"]["suite"] == "libero_spatial"
     assert len(tok.metadata["val_mse_by_layers"]) == 8
-    report = (tmp_path / "tok" / "rfsq_libero_spatial.recon.json").read_text()
+    report = (tmp_path / "tok" / "rfsq_libero_spatial" / "rfsq.recon.json").read_text()
     assert tok.identity() in report
-    md = (tmp_path / "tok" / "rfsq_libero_spatial.recon.md").read_text()
+    md = (tmp_path / "tok" / "rfsq_libero_spatial" / "rfsq.recon.md").read_text()
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:] == \
         [str(n) for n in range(1, 9)]

@@ -34,62 +34,6 @@ def test_auto_resume_picks_newest_last_ckpt(tmp_path: Path) -> None:
     assert find_latest_last_ckpt(tmp_path, "main_head") is None  # another task's runs are not looked at
 
 
-# ------------------------------------------------------------------------------------------------ build chain
-@pytest.mark.sim
-def test_build_inputs_collects_demos_trains_tokenizer_and_builds_cache(tmp_path: Path, monkeypatch,
-                                                                       capsys) -> None:
-    """What ``make train`` does on a fresh machine, on 1 task x 3 demos: plan -> demos -> tokenizer ->
-    cache, printed first; a second plan is empty."""
-    pytest.importorskip("libero")
-    from hydra import compose, initialize_config_dir
-
-    from rsd.data import collect
-    from rsd.data.cache import open_cache
-    from rsd.data.splits import is_validation_episode
-    from rsd.tokenizer import RFSQTokenizer
-    from rsd.train import build_inputs, plan_inputs
-    from rsd.utils.config import CONFIG_DIR
-
-    real_collect = collect.collect_suite
-    calls = []
-
-    def recorded(suite: str, demos_per_task: int, **kwargs):  # the planned call, as planned
-        calls.append((suite, demos_per_task, kwargs))
-        return real_collect(suite, demos_per_task, progress=False, **kwargs)
-
-    monkeypatch.setattr(collect, "collect_suite", recorded)
-    # the tokenizer run and the cache need a validation episode among 3 demos: val_fraction 0.5 gives one
-    val = [is_validation_episode(f"libero_spatial/0/demo_{i}", 0.5) for i in range(3)]
-    assert any(val) and not all(val)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "experiment=draft_proj", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.output_dir={tmp_path / 'out'}", "data.build.demos_per_task=3", "data.build.progress=false",
-            "data.build.tasks=[0]", "data.build.workers=0", "data.build.val_fraction=0.5",
-            "data.build.tokenizer_overrides=['trainer.max_epochs=1','+trainer.max_steps=3','model.net.hidden_dim=32',"
-            "'data.val_fraction=0.5','data.batch_size=64','callbacks.progress_bar=null','trainer.accelerator=cpu']"])
-    steps = plan_inputs(cfg.data)
-    assert [s.path for s in steps] == [tmp_path / "data/demos/libero_spatial",
-                                       tmp_path / "data/tokenizers/rfsq_libero_spatial.pt",
-                                       tmp_path / "data/cache/sim_state_libero_spatial"]
-    assert not (tmp_path / "data").exists()  # planning builds nothing
-    ran = build_inputs(cfg)
-    printed = capsys.readouterr().out
-    assert "This run needs 3 input(s)" in printed
-    assert [s.what for s in ran] == [s.what for s in steps]
-    assert calls and calls[0][:2] == ("libero_spatial", 3)
-    assert calls[0][2]["tasks"] == [0] and calls[0][2]["workers"] == 0  # the config reaches the collector
-    demos = sorted((tmp_path / "data/demos/libero_spatial").glob("*_demo.hdf5"))
-    assert len(demos) == 1
-    tok = RFSQTokenizer.load(tmp_path / "data/tokenizers/rfsq_libero_spatial.pt")
-    assert tok.metadata["data"]["suite"] == "libero_spatial"
-    manifest, arrays = open_cache(tmp_path / "data/cache/sim_state_libero_spatial")
-    assert manifest["tokenizer"]["identity"] == tok.identity()
-    assert len(manifest["episodes"]) == 3 and arrays["hidden"].shape == (manifest["num_frames"], 4096)
-    assert plan_inputs(cfg.data) == [] and build_inputs(cfg) == []  # everything exists now
-    assert len(calls) == 1
-
-
 # ------------------------------------------------------------------------------------------------ W&B
 def test_wandb_mode_detection(monkeypatch, tmp_path: Path) -> None:
     from rsd.utils import wandb_setup
@@ -133,7 +77,7 @@ def test_default_logger_wandb_csv_writes_offline_run_and_csv(tmp_path: Path, mon
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
-            f"backbone.hidden_dim={D}", "data.batch_size=32", "data.build_if_missing=false",
+            f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={out}", "callbacks.progress_bar=null",
             "trainer.accelerator=cpu", "trainer.max_epochs=1", "model.net.hidden_dim=32",
             "model.net.feedforward_dim=64", "model.net.num_heads=2"])

@@ -367,7 +367,7 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
 
     # a few training steps of the draft and of the main decoder on that cache
     logs = tmp_path / "logs"
-    common = [f"data.cache_dir={cache}", f"data.tokenizer_path={tok_path}", "data.build_if_missing=false",
+    common = [f"data.cache_dir={cache}", f"data.tokenizer_path={tok_path}", "prepare.until=null",
               "backbone=hf_vlm", f"backbone.model_path={models['llava']}", f"backbone.hidden_dim={D}",
               "data.batch_size=4", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=csv",
               "callbacks.progress_bar=null", f"paths.log_dir={logs}"]

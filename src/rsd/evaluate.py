@@ -3,19 +3,29 @@
 Runs the suite's tasks under the OpenVLA / OpenVLA-OFT protocol with the speculative engine (or the
 baseline, or both on the same init states), appends every episode to ``<out_dir>/episodes.jsonl`` (a rerun
 with the same ``out_dir`` resumes), then writes and prints the summary and logs it to Weights & Biases.
-The init states must be held out from the models' training data (``rsd.eval.runner.check_held_out``).
+The init states must be held out from the models' training data (``rsd.eval.runner.check_held_out``);
+the summary names every artifact it loaded (path, sha256, artifact content hash), the code commit and the machine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rsd.eval.runner import run_evaluation
+from rsd.eval.shard import shard_dirname
+from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
+from rsd.policies.registry import resolve_policy_spec
+from rsd.utils.artifacts import code_version, file_sha256, read_artifact
 from rsd.utils.config import CONFIG_DIR
 
 log = logging.getLogger("evaluate")
@@ -32,30 +42,49 @@ def _container(node):
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         if cfg.get("shard") is not None:  # shard i/n of out_dir X -> X/shard_<i>_of_<n> (rsd.eval.shard)
-            from rsd.eval.shard import shard_dirname
-
             return Path(cfg.out_dir) / shard_dirname(cfg.shard)
         return Path(cfg.out_dir)
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def training_caches(spec: dict) -> list[str]:
-    """The feature caches behind the policy's models (the engine policy's draft and main model)."""
-    if spec.get("factory") != "engine":
-        return []
-    from rsd.policies.engine_policy import training_cache_dirs
+def machine_info() -> dict[str, Any]:
+    """The machine a result comes from (CPU model, cores, GPU), recorded in every summary."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "host": platform.node(),
+                            "python": platform.python_version()}
+    try:
+        import torch  # recorded only when the policy's stack has it
 
-    return training_cache_dirs(spec)
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["gpu"] = None
+    return info
+
+
+def policy_artifacts(spec: dict) -> dict[str, Any]:
+    """Every file the policy loads, with its sha256 and the content hash of the artifact folder holding it."""
+    out = {}
+    for key in ("ckpt", "main_ckpt", "tokenizer"):
+        path = spec.get(key)
+        if not path or not Path(str(path)).is_file():
+            continue
+        manifest = read_artifact(Path(path).parent)
+        out[key] = {"path": str(path), "sha256": file_sha256(path),
+                    "artifact": None if manifest is None else {"kind": manifest.get("kind"),
+                                                               "content_hash": manifest.get("content_hash")}}
+    return out
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Run (or resume) the evaluation of ``cfg``; returns the summary dict."""
-    from rsd.eval.runner import run_evaluation
-    from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
-    from rsd.policies.registry import resolve_policy_spec
-
     out_dir = output_dir(cfg)
     spec = resolve_policy_spec(_container(cfg.policy))
     log.info("Evaluating %s (%s) -> %s", cfg.suite, spec.get("factory"), out_dir)
@@ -65,13 +94,14 @@ def evaluate(cfg: DictConfig) -> dict:
         video=_container(cfg.video), retry_errors=bool(cfg.retry_errors), max_episodes=cfg.max_episodes,
         progress=bool(cfg.progress), threads_per_worker=cfg.threads_per_worker,
         resume_check=bool(cfg.resume_check), shard=cfg.get("shard"),
-        train_caches=training_caches(spec), allow_train_states=bool(cfg.get("allow_train_states", False)),
+        allow_train_states=bool(cfg.get("allow_train_states", False)),
     )
     log.info(run.heldout["line"])
     summary = summarize(run.records, suite=cfg.suite, extra={
         "out_dir": str(out_dir), "policy": spec, "complete": len(run.records) == run.total,
         "work_list_episodes": run.total, "new_episodes": run.new, "resumed_episodes": run.skipped,
-        "max_steps": run.max_steps, "heldout": run.heldout, **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
+        "max_steps": run.max_steps, "heldout": run.heldout, "artifacts": policy_artifacts(spec),
+        "code": code_version(), "machine": machine_info(), **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
     })
     write_summary(out_dir, summary)
     print_summary(summary)

@@ -119,15 +119,13 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
 class ActionChunkDataModule(L.LightningDataModule):
     """Raw action chunks ``[B, 8, 7]`` of a suite's demos; ``train_actions`` fits the normalizer.
 
-    ``prepare_data`` raises ``DemosNotFoundError`` saying what to run when there are no demos;
-    ``rsd.train.build_inputs`` collects them before fitting when ``collect_missing``.
+    ``prepare_data`` raises ``DemosNotFoundError`` saying what to run when there are no demos (the
+    pipeline's ``demos`` step, ``rsd.prepare``, collects them before fitting).
     """
 
     def __init__(self, suite: str = "libero_spatial", demos_dir: str = "data/demos", chunk_len: int = CHUNK_LEN,
                  batch_size: int = 512, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
-                 demos_per_task: int = 50, gripper_dim: int | None = 6, collect_missing: bool = True,
-                 collect_tasks: list[int] | None = None, collect_workers: int = 2) -> None:
-        # demos_per_task / collect_*: how rsd.train.build_inputs collects missing demos before fitting
+                 gripper_dim: int | None = 6) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.suite = suite
@@ -137,9 +135,7 @@ class ActionChunkDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self.demos_per_task = demos_per_task
         self.gripper_dim = gripper_dim
-        self.collect_missing = collect_missing
         self.train_chunks: torch.Tensor | None = None
         self.val_chunks: torch.Tensor | None = None
         self.train_actions: np.ndarray | None = None
@@ -148,12 +144,12 @@ class ActionChunkDataModule(L.LightningDataModule):
         self._normalizer: ActionNormalizer | None = None
 
     def prepare_data(self) -> None:
-        """Check that demos exist (``rsd.train.build_inputs`` collects missing ones before fitting)."""
+        """Check that demos exist (the pipeline's ``demos`` step collects them before fitting)."""
         if not demo_files(self.demos_dir, self.suite):
             raise DemosNotFoundError(
                 f"No demonstrations in {self.demos_dir / self.suite} (expected *_demo.hdf5). Collect them "
-                f"first: `python -m rsd.data.collect suite={self.suite}` (`python train.py experiment=rfsq` "
-                "does it when data.collect_missing=true).")
+                f"first: `python -m rsd.prepare prepare.until=demos` (`python train.py experiment=rfsq` does it "
+                "with its default prepare.until=demos).")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_chunks is not None:

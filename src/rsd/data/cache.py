@@ -20,16 +20,13 @@ temporary folder and renamed when complete, so an interrupted build never looks 
 holds one backbone and one tokenizer: building into a folder whose manifest differs raises
 ``CacheMismatchError``.
 
-CLI: ``python -m rsd.data.cache backbone=sim_state suite=libero_spatial`` (``conf/cache.yaml``) builds the
-cache from existing demos and tokenizer; ``python train.py experiment=draft_proj`` builds all three when
-missing (``rsd.train.build_inputs``).
+The pipeline builds it (``rsd.prepare``, step ``cache``; alone: ``python -m rsd.prepare prepare.until=cache``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from rsd import PROJECT_ROOT
-from rsd.data.heldout import START_STATES_FILE, write_start_states
+from rsd.data.heldout import START_STATES_FILE, episode_origin, write_start_states
+from rsd.utils.artifacts import file_sha256
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -72,14 +70,6 @@ class CacheMismatchError(CacheError):
 
 
 # ---------------------------------------------------------------------------------------------- identity
-def file_sha256(path: str | os.PathLike, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[: limit or 64]
-
-
 def cache_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The fields two caches must share to be mixed or reused: backbone, hidden dim, tokenizer, suite."""
     return {
@@ -205,7 +195,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(f"no feature cache at {cache_dir} ({MANIFEST} missing). Build it with "
-                         "`python -m rsd.data.cache backbone=sim_state suite=libero_spatial`.")
+                         "`python -m rsd.prepare prepare.until=cache`.")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -251,23 +241,9 @@ def open_cache(cache_dir: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _episode_origin(ep) -> dict[str, Any]:
-    """Where a demo started: ``init_source`` (generated | official | unknown), ``init_state_index``,
-    ``scene_seed`` and ``scene`` (the start scene, see :mod:`rsd.data.heldout`)."""
-    attrs = ep.attrs or {}
-    source = attrs.get("rsd_init_source")
-    if source is None:  # files written before the option were recorded from the official states
-        source = "official" if ep.init_state_index is not None else "unknown"
-    scene = attrs.get("rsd_scene_state")
-    return {"init_source": str(source),
-            "init_state_index": ep.init_state_index,
-            "scene_seed": None if attrs.get("rsd_scene_seed") is None else int(attrs["rsd_scene_seed"]),
-            "scene": np.asarray(ep.init_state if scene is None else scene, dtype=np.float64)}
-
-
 def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
     """``[(demo_key, states [T, S], actions [T, 7], origin)]`` of a LIBERO HDF5 file (official or generated
-    schema); ``origin`` as :func:`_episode_origin`."""
+    schema); ``origin`` as :func:`rsd.data.heldout.episode_origin`."""
     from rsd.data.libero_hdf5 import DemoSchemaError, read_demo_file
 
     try:
@@ -280,7 +256,7 @@ def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, dict[str,
             raise CacheError(f"{path}:data/{ep.name}: states {ep.states.shape} and actions {ep.actions.shape} "
                              "must be [T, S] and [T, 7] with the same T >= 1 (the cache restores observations "
                              "from the stored MuJoCo states)")
-        out.append((ep.name, ep.states, ep.actions.astype(np.float32), _episode_origin(ep)))
+        out.append((ep.name, ep.states, ep.actions.astype(np.float32), episode_origin(ep)))
     return out
 
 
@@ -505,33 +481,3 @@ def requested_backbone_id(backbone_cfg: Mapping[str, Any]) -> str | None:
     cfg = dict(backbone_cfg)
     cls = BACKBONES.get(cfg.pop("name", ""))
     return None if cls is None else cls.id_from_config(cfg)
-
-
-def main() -> None:
-    import hydra
-
-    from rsd.utils.config import CONFIG_DIR
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cache")
-    def _run(cfg) -> None:
-        c = _plain(cfg)
-        tokenizer_path = _resolve(c["tokenizer_path"])
-        if not tokenizer_path.is_file():
-            raise CacheError(f"no RFSQ tokenizer at {tokenizer_path}: train it first with `python train.py "
-                             f"experiment=rfsq data.suite={c['suite']}` (or run `python train.py "
-                             "experiment=draft_proj`, which builds demos, tokenizer and cache in order)")
-        build_cache(c["suite"], _resolve(c["cache_dir"]), tokenizer_path, _resolve(c["demos_dir"]), c["backbone"],
-                    overwrite=bool(c.get("overwrite")), hidden_dtype=c.get("hidden_dtype", "float16"),
-                    max_demos_per_task=c.get("max_demos_per_task"), progress=c.get("progress", True))
-        manifest = read_manifest(_resolve(c["cache_dir"]))
-        print(json.dumps({k: manifest.get(k) for k in (
-            "suite", "num_frames", "num_episodes", "num_train_episodes", "num_val_episodes",
-            "num_train_frames", "num_val_frames", "build_seconds")} | {
-            "cache_dir": str(_resolve(c["cache_dir"])), "backbone": manifest["backbone"]["id"],
-            "tokenizer": manifest["tokenizer"]["identity"]}, indent=1))
-
-    _run()
-
-
-if __name__ == "__main__":
-    main()

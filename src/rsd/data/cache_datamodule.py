@@ -7,17 +7,16 @@ fancy-index per array (``Dataset.__getitems__``), not one Python call per sample
 - ``tokens``  long ``[B, 8, 128]`` (all ground-truth layers, layers view)
 - ``targets`` long ``[B, num_target_layers, 128]`` the draft's targets: ground-truth coarse layers
   (``targets: ground_truth``) or the main model's greedy tokens read from ``distill_tokens.npy``
-  (``targets: distill``; ``[N, >=num_target_layers, 128]`` uint8, written next to the cache by the main
-  model's tooling); with ``targets: distill_soft`` also the main model's greedy tokens
+  (``targets: distill``; ``[N, >=num_target_layers, 128]`` uint8, written by the pipeline's ``distill`` step); with ``targets: distill_soft`` also the main model's greedy tokens
 - ``soft_targets`` float32 ``[B, num_target_layers, 128, 7]`` (``targets: distill_soft`` only): the main
   model's distribution over each coarse layer's tokens given its own greedy prefix, memory-mapped from
-  ``distill_probs.npy`` (``python -m rsd.engine.distill --soft``); ``targets`` are then its greedy tokens, so
+  ``distill_probs.npy`` (``python -m rsd.prepare.distill --soft``); ``targets`` are then its greedy tokens, so
   ``val/accuracy`` is agreement with the main model and ``val/gt_accuracy`` agreement with the demos
 - ``actions`` float32 ``[B, 8, 7]``
 - ``index``   long ``[B]`` frame index into the cache
 
-``prepare_data()`` checks that the cache exists (``rsd.train.build_inputs`` builds a missing one, with its
-demos and tokenizer, before fitting when ``build_if_missing``; the ``build`` block says how); ``setup()`` checks the manifest against the tokenizer it is told about and the
+``prepare_data()`` checks that the cache exists (the pipeline, ``rsd.prepare``, builds it with its demos and
+tokenizer before fitting); ``setup()`` checks the manifest against the tokenizer it is told about and the
 expected backbone / hidden size, and fails with a clear message on a mismatched or corrupt cache.
 """
 
@@ -45,6 +44,7 @@ from rsd.data.cache import (
     requested_backbone_id,
 )
 from rsd.tokenizer.layout import NUM_LEVELS
+from rsd.utils.artifacts import artifact_ref, read_artifact
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
                  distill_probs: str | None = None,
                  num_target_layers: int = 3, tokenizer_path: str | None = None,
                  tokenizer_identity: str | None = None, backbone: Mapping[str, Any] | None = None,
-                 suite: str | None = None, build_if_missing: bool = True, build: Mapping[str, Any] | None = None,
-                 pin_memory: bool = False, max_train_frames: int | None = None) -> None:
+                 suite: str | None = None, pin_memory: bool = False, max_train_frames: int | None = None) -> None:
         super().__init__()
         if targets not in TARGETS:
             raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
@@ -136,8 +135,6 @@ class FeatureCacheDataModule(L.LightningDataModule):
         self.tokenizer_identity = tokenizer_identity
         self.backbone_cfg = _plain(backbone) if backbone else None
         self.suite = suite
-        self.build_if_missing = build_if_missing
-        self.build_cfg = _plain(build) if build else None
         self.pin_memory = pin_memory
         self.max_train_frames = max_train_frames
         self.distill_source: dict[str, Any] | None = None
@@ -148,12 +145,12 @@ class FeatureCacheDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ building / checking
     def prepare_data(self) -> None:
-        """Check that the cache exists (``rsd.train.build_inputs`` builds it before fitting)."""
+        """Check that the cache exists (the pipeline, ``rsd.prepare``, builds it before fitting)."""
         if cache_complete(self.cache_dir):
             return
         raise CacheError(f"no feature cache at {self.cache_dir}. `python train.py experiment=draft_proj` builds it "
-                         "(with data.build_if_missing=true, the default), or build it with `python -m "
-                         "rsd.data.cache backbone=sim_state suite=libero_spatial`.")
+                         "(its pipeline, conf/prepare), or build it alone with `python -m rsd.prepare "
+                         "prepare.until=cache`.")
 
     def _expected_tokenizer(self) -> str | None:
         if self.tokenizer_identity:
@@ -173,7 +170,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
             return
         if not cache_complete(self.cache_dir):
             raise CacheError(f"no complete feature cache at {self.cache_dir} (manifest.json and the .npy files). "
-                             "Build it with `python -m rsd.data.cache backbone=sim_state suite=libero_spatial`.")
+                             "Build it with `python -m rsd.prepare prepare.until=cache`.")
         manifest, arrays = open_cache(self.cache_dir)
         bb = self.backbone_cfg or {}
         if bb.get("name") and bb["name"] != manifest["backbone"]["name"]:
@@ -196,7 +193,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise CacheError(
                     f"targets=distill needs the main model's greedy tokens in {path} ([N, >=3, 128] uint8, one "
-                    "row per cache frame); it is missing. Write it with `python -m rsd.engine.distill --main "
+                    "row per cache frame); it is missing. Write it with `python -m rsd.prepare.distill --main "
                     f"logs/main_head/runs/<time>/main_decoder.pt --cache-dir {self.cache_dir}` or use "
                     "data.targets=ground_truth.")
             distill = np.load(path, mmap_mode="r")
@@ -220,7 +217,7 @@ class FeatureCacheDataModule(L.LightningDataModule):
         """Memory-map ``distill_probs.npy`` after checking it (and its sidecar) against this cache and against
         the greedy tokens' main model; sets ``distill_source`` to the main model it records."""
         path = _resolve(Path(self.distill_probs) if self.distill_probs else self.cache_dir / "distill_probs.npy")
-        write = (f"`python -m rsd.engine.distill --soft --main logs/main_head/runs/<time>/main_decoder.pt "
+        write = (f"`python -m rsd.prepare.distill --soft --main logs/main_head/runs/<time>/main_decoder.pt "
                  f"--cache-dir {self.cache_dir}`")
         if not path.is_file():
             raise CacheError(f"targets=distill_soft needs the main model's coarse-layer distributions in {path} "
@@ -274,7 +271,12 @@ class FeatureCacheDataModule(L.LightningDataModule):
                 "hidden_dim": int(m["backbone"]["hidden_dim"]), "tokenizer": m["tokenizer"]["identity"],
                 "suite": m["suite"], "cache_dir": str(self.cache_dir), "num_frames": m["num_frames"],
                 "targets": self.targets, "distill_source": self.distill_source, "backbone_config": m["backbone"].get("config"),
-                "feature_definition": m["backbone"].get("feature_definition"), "created": m.get("created")}
+                "feature_definition": m["backbone"].get("feature_definition"), "created": m.get("created"),
+                # identity by content (rsd.utils.artifacts): a cache rebuilt at the same path is another cache
+                "content_hash": (read_artifact(self.cache_dir) or {}).get("content_hash"),
+                "distill": (artifact_ref(Path(self.distill_probs or self.distill_tokens).parent)
+                            if self.targets != "ground_truth" and (self.distill_probs or self.distill_tokens)
+                            else None)}
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: CacheDataset | None, shuffle: bool, batch_size: int) -> DataLoader:

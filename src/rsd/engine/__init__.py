@@ -9,7 +9,6 @@ from rsd.engine.rsd_engine import (
     greedy_tokens,
     relaxed_accept,
     strict_accept,
-    write_distill_tokens,
 )
 from rsd.engine.timing import CpuTimer, CudaTimer, make_timer
 
@@ -25,5 +24,4 @@ __all__ = [
     "make_timer",
     "relaxed_accept",
     "strict_accept",
-    "write_distill_tokens",
 ]

@@ -64,14 +64,9 @@ A decode speedup must count ``draft + main + check``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -582,27 +577,3 @@ def greedy_tokens(main, hidden, batch_size: int = 256, device: torch.device | st
         h = torch.from_numpy(np.array(hidden[i:i + batch_size], dtype=np.float32))  # a copy (memmaps are read-only)
         out.append(engine.predict(h, decode=False).tokens.to("cpu", torch.uint8).numpy())
     return np.concatenate(out) if out else np.zeros((0, engine.num_layers, engine.num_positions or 0), np.uint8)
-
-
-def write_distill_tokens(main, cache_dir: str | os.PathLike, batch_size: int = 256,
-                         device: torch.device | str | None = None, source: Mapping[str, Any] | None = None) -> Path:
-    """Write ``{cache_dir}/distill_tokens.npy`` (uint8 ``[N, 8, 128]``, one row per cache frame): the main
-    model's greedy tokens, which ``FeatureCacheDataModule(targets="distill")`` trains the draft on.
-
-    ``distill_tokens.json`` next to it records ``source`` (which main model made them) and the cache's
-    frame count, so a draft trained on them can say which main model it imitates."""
-    from rsd.data.cache import CacheError, open_cache
-
-    manifest, arrays = open_cache(cache_dir)
-    d = int(manifest["backbone"]["hidden_dim"])
-    if getattr(main, "input_dim", d) != d:
-        raise CacheError(f"feature cache {cache_dir} has hidden size {d}, the main decoder expects {main.input_dim}")
-    tokens = greedy_tokens(main, arrays["hidden"], batch_size, device)
-    path = Path(cache_dir) / "distill_tokens.npy"
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, path)
-    info = {"main": dict(source or {}), "num_frames": int(tokens.shape[0]), "shape": list(tokens.shape),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return path

@@ -4,8 +4,9 @@ A ``<shard_dir>`` is an evaluation folder (``episodes.jsonl``) or a folder above
 folder ``logs/eval/multiruns/<time>``, or the ``out_dir`` of ``shard=i/n`` runs): its sub-folders with an
 ``episodes.jsonl`` are taken, sorted.
 
-- Refuses folders evaluated with another policy, suite or ``max_steps`` (their ``eval_run.json``), and
-  shards of different splits (``shard.json``: other ``n`` or another work list).
+- Refuses folders evaluated with another policy, suite or ``max_steps`` (their ``eval_run.json``), shards
+  of different splits (``shard.json``: other ``n`` or another work list), and folders whose held-out
+  verdicts (``heldout.json``) differ or are missing; the merged summary keeps the common verdict.
 - Reports duplicates (an episode in several folders: the first folder's record is kept; ``conflicting``
   when the outcomes differ) and what is missing (shards not given, episodes not run yet).
 - Writes ``<out>/episodes.jsonl`` (work-list order), ``eval_run.json`` (the identity of the unsharded
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rsd.eval.runner import EPISODES_FILE, RUN_FILE, EpisodeLog, record_key
+from rsd.eval.runner import EPISODES_FILE, HELDOUT_FILE, RUN_FILE, EpisodeLog, record_key
 from rsd.eval.shard import read_shard_file
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,30 @@ def _full_policy(dirs: Sequence[Path], identity: Mapping[str, Any]) -> dict:
     return dict(identity.get("policy") or {})
 
 
+def merged_verdict(dirs: Sequence[Path]) -> dict:
+    """The one held-out verdict all ``dirs`` share (``heldout.json``); a missing or differing one is an error,
+    never read as held out."""
+    verdicts = {}
+    for d in dirs:
+        f = d / HELDOUT_FILE
+        if not f.is_file():
+            raise MergeError(f"{d} has no {HELDOUT_FILE}: whether its init states were held out is unknown, so "
+                             "its episodes cannot be merged into a result (rerun it with this version)")
+        verdicts[d] = json.loads(f.read_text())
+
+    def key(v: Mapping[str, Any]) -> tuple:
+        return (v.get("status"), v.get("allow_train_states"),
+                tuple(sorted(r.get("content_hash") or "" for r in v.get("training_data") or [])))
+
+    first_dir, first = next(iter(verdicts.items()))
+    for d, v in verdicts.items():
+        if key(v) != key(first):
+            raise MergeError(f"held-out verdicts differ: {first_dir} is {first.get('status')!r}, {d} is "
+                             f"{v.get('status')!r} (or their training data differ); results of differently "
+                             "checked runs are not merged")
+    return first
+
+
 def merge_shards(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict:
     """Merge evaluation folders; returns ``{"summary", "records", "report", "identity"}`` and writes ``out``."""
     from rsd.eval.summary import summarize, write_summary
@@ -112,6 +137,7 @@ def merge_shards(dirs: Sequence[str | Path], out: str | Path | None = None) -> d
             raise MergeError(f"{d} was evaluated differently ({', '.join(diff)}):\n  {base}\n  {mine}\n"
                              "only shards of the same evaluation (suite, policy, max_steps) can be merged")
 
+    heldout = merged_verdict(dirs)
     shards = {d: read_shard_file(d) for d in dirs}
     given = [s for s in shards.values() if s]
     work_list: list[tuple] | None = None
@@ -172,7 +198,7 @@ def merge_shards(dirs: Sequence[str | Path], out: str | Path | None = None) -> d
         "out_dir": str(out) if out is not None else None, "policy": _full_policy(dirs, identity),
         "complete": report["complete"],
         "work_list_episodes": report["work_list_episodes"] if work_list is not None else len(merged),
-        "max_steps": identity.get("max_steps"),
+        "max_steps": identity.get("max_steps"), "heldout": heldout,
         "merge": {k: v for k, v in report.items() if k not in ("duplicates", "missing_episodes")}
         | {"duplicates": len(duplicates), "missing_episodes": len(missing)},
     })
@@ -185,6 +211,7 @@ def merge_shards(dirs: Sequence[str | Path], out: str | Path | None = None) -> d
         if identity:
             (out / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n")
         (out / MERGE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (out / HELDOUT_FILE).write_text(json.dumps(heldout, indent=1) + "\n")
         write_summary(out, summary)
     return {"summary": summary, "records": merged, "report": report, "identity": identity}
 

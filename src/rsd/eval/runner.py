@@ -33,15 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from rsd.envs.libero_env import MAX_STEPS, TaskSpec
+from rsd.data.heldout import TrainStatesError, overlaps
+from rsd.envs.libero_env import MAX_STEPS, TaskSpec, get_init_states, get_task, make_env, num_tasks
+from rsd.envs.libero_setup import configure_libero
+from rsd.eval.rollout import EpisodeResult, run_episode, write_video
+from rsd.eval.shard import select_shard, write_shard_file
 from rsd.policies.base import EVAL_MODES
-from rsd.policies.registry import spec_identity
+from rsd.policies.registry import build_policy, policy_training_data, spec_identity
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 EPISODES_FILE = "episodes.jsonl"
 RUN_FILE = "eval_run.json"
+HELDOUT_FILE = "heldout.json"  # the held-out verdict of the run, written before its first episode
 VIDEO_DIR = "videos"
 
 
@@ -194,10 +199,8 @@ class PolicyBuildError(RuntimeError):
 
 def make_video_env(task: TaskSpec, camera: str = "agentview", resolution: int = 256):
     """A LIBERO env that renders only ``camera`` (for video of a state-based policy's episodes)."""
-    from rsd.envs.libero_setup import configure_libero
-
     configure_libero()
-    from libero.libero.envs import OffScreenRenderEnv
+    from libero.libero.envs import OffScreenRenderEnv  # after configure_libero: its import reads the config
 
     env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_names=[camera],
                              camera_heights=resolution, camera_widths=resolution)
@@ -222,8 +225,6 @@ class EpisodeWorker:
 
     def _ensure_policy(self) -> Any:
         if self.policy is None:
-            from rsd.policies.registry import build_policy
-
             try:
                 self.policy = build_policy(self.policy_spec)
             except Exception as exc:
@@ -236,8 +237,6 @@ class EpisodeWorker:
         if self._task_id == (suite, task_id):
             return
         self.close_envs()
-        from rsd.envs.libero_env import get_init_states, get_task
-
         self._task_id = None
         self._task = get_task(suite, task_id)
         self._init_states = get_init_states(suite, task_id)
@@ -246,8 +245,6 @@ class EpisodeWorker:
     def _env(self, images: bool, video: bool) -> Any:
         kind = "images" if images else ("video" if video else "physics")
         if kind not in self._envs:
-            from rsd.envs.libero_env import make_env
-
             self._envs[kind] = make_video_env(self._task) if kind == "video" else make_env(self._task, images)
         return self._envs[kind]
 
@@ -263,8 +260,6 @@ class EpisodeWorker:
         self.close_envs()
 
     def run(self, job: Job) -> dict:
-        from rsd.eval.rollout import EpisodeResult, run_episode, write_video
-
         policy = self._ensure_policy()
         t0 = time.perf_counter()
         max_steps = MAX_STEPS[job.suite] if self.max_steps is None else int(self.max_steps)
@@ -307,8 +302,6 @@ def make_record(job: Job, result: Mapping[str, Any], **extra: Any) -> dict:
 
 
 def error_record(job: Job, message: str, max_steps: int | None, worker: int | None = None) -> dict:
-    from rsd.eval.rollout import EpisodeResult
-
     return make_record(job, EpisodeResult(error=message).to_record(), task_name=None, instruction=None,
                        max_steps=MAX_STEPS[job.suite] if max_steps is None else max_steps, video=None,
                        worker=worker)
@@ -359,34 +352,37 @@ class EvalRun:
     heldout: dict | None = None  # check_held_out's verdict on the work list's init states
 
 
-def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], train_caches: Sequence[str],
+def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], training: Mapping[str, Any],
                    allow_train_states: bool = False) -> dict:
-    """Are the evaluation's init states held out from the training data of the models it evaluates?
+    """Are the evaluation's init states held out from the training data of the policy it evaluates?
 
-    ``train_caches``: the feature caches the policy's models were trained on (their manifests record
-    every episode's start scene, ``rsd.data.heldout``). Overlapping or unverifiable states raise
-    :class:`rsd.data.heldout.TrainStatesError` unless ``allow_train_states``; the verdict is returned
-    for the summary's first line.
+    ``training``: what the policy was trained on (``rsd.policies.registry.policy_training_data``: every factory
+    says): ``learned``, ``data`` (refs of caches and demo sets, checked by content hash) and ``untraceable``
+    (models whose training data cannot be named). Overlapping or unverifiable states raise
+    :class:`rsd.data.heldout.TrainStatesError` unless ``allow_train_states``; the verdict is returned for the
+    summary's first line.
     """
-    from rsd.data.heldout import TrainStatesError, overlaps
-
-    if not train_caches:
-        return {"status": "no_training_data", "line": "Init states: the policy records no training data "
-                "(nothing to be held out from)", "overlapping_episodes": 0}
     pairs = [(int(t), int(i)) for t in task_ids for i in trials]
-    found, unknown = overlaps(suite, pairs, train_caches)
-    verdict = {"train_caches": list(train_caches), "overlapping_episodes": len(found),
-               "overlaps": found[:20], "unverifiable_caches": unknown, "allow_train_states": bool(allow_train_states)}
+    if not training.get("learned", True):
+        return {"status": "no_training_data", "overlapping_episodes": 0, "allow_train_states": bool(allow_train_states),
+                "line": f"Init states: the policy learned nothing ({training.get('reason', 'no model')})"}
+    data = list(training.get("data") or [])
+    found, unknown = overlaps(suite, pairs, data) if data else ([], [])
+    unknown = list(training.get("untraceable") or []) + unknown
+    if not data and not unknown:
+        unknown = ["the policy names no training data"]
+    verdict = {"training_data": data, "overlapping_episodes": len(found), "overlaps": found[:20],
+               "unverifiable": unknown, "allow_train_states": bool(allow_train_states)}
     if not found and not unknown:
         return {**verdict, "status": "held_out", "line": f"Init states: held out ({len(pairs)} (task, trial) "
-                "pairs checked against the training caches' start scenes)"}
+                f"pairs checked against the start scenes of {len(data)} training artifact(s), by content hash)"}
     what = (f"{len(found)} of {len(pairs)} evaluation init states are start scenes of the training data "
             f"(e.g. {found[0]['reason']})" if found else
             f"the training data's start scenes cannot be checked ({'; '.join(unknown)})")
     if not allow_train_states:
         raise TrainStatesError(f"refusing to report a success rate: {what}. Evaluating on states the policy "
-                               "was trained from is replay, not generalization. Collect held-out demos "
-                               "(`python -m rsd.data.collect`, init_source=generated) and retrain, or pass "
+                               "was trained from is replay, not generalization. Train with the pipeline "
+                               "(`make train`: demos from new scenes, every artifact hashed), or pass "
                                "allow_train_states=true to evaluate anyway (every summary then says so).")
     return {**verdict, "status": "not_held_out" if found else "unverified",
             "line": f"WARNING: NOT A HELD-OUT EVALUATION (allow_train_states=true): {what}"}
@@ -409,15 +405,13 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    video: Any = None, retry_errors: bool = False, max_episodes: int | None = None,
                    progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
                    max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None,
-                   train_caches: Sequence[str] | None = None, allow_train_states: bool = False) -> EvalRun:
+                   allow_train_states: bool = False) -> EvalRun:
     """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list.
     ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``).
-    ``train_caches``: the policy's training caches; the init states must be held out from them
-    (:func:`check_held_out`) unless ``allow_train_states``."""
+    The init states must be held out from the policy's training data (:func:`check_held_out`, for every
+    policy factory) unless ``allow_train_states``."""
     if suite not in MAX_STEPS:
         raise ValueError(f"unknown suite {suite!r}; one of {sorted(MAX_STEPS)}")
-    from rsd.envs.libero_env import get_init_states, num_tasks
-
     out_dir = Path(out_dir)
     policy_spec = dict(policy_spec)
     n_tasks = num_tasks(suite)
@@ -430,13 +424,11 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
     if trial_list and trial_list[-1] >= n_init:
         raise ValueError(f"trial {trial_list[-1]} needs init state {trial_list[-1]}, but {suite} tasks have "
                          f"{n_init} init states (trials=N allows N <= {n_init})")
-    heldout = check_held_out(suite, task_ids, trial_list, list(train_caches or []), allow_train_states)
+    heldout = check_held_out(suite, task_ids, trial_list, policy_training_data(policy_spec), allow_train_states)
     modes = parse_modes(mode)
     jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
     shard_info = None
     if shard is not None:  # one part of an evaluation spread over processes / machines
-        from rsd.eval.shard import select_shard, write_shard_file
-
         jobs, shard_info = select_shard(jobs, shard)
 
     identity = {"suite": suite, "max_steps": MAX_STEPS[suite] if max_steps is None else int(max_steps),
@@ -445,6 +437,7 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
         identity["shard"] = shard_info["shard"]
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_identity(out_dir, identity, force=not resume_check)
+    (out_dir / HELDOUT_FILE).write_text(json.dumps(_clean(heldout), indent=1, default=_json_default) + "\n")
     if shard_info:
         write_shard_file(out_dir, shard_info)
 

@@ -1,21 +1,32 @@
 """The learned policy: backbone -> speculative engine -> RFSQ decode, and how its files are found.
 
-``ckpt=best`` resolves to the newest draft export; the main decoder and tokenizer default to the ones
-trained on the same feature cache as the draft (recorded in the checkpoints), so a policy is always
-assembled from models that saw the same features and tokens.
+``ckpt=best`` resolves to the best draft of the suite whose main model exists (:mod:`rsd.policies.lineage`);
+the main decoder and tokenizer are the ones the draft's artifact chain names by content hash, so a policy is
+always assembled from the models that were trained together.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rsd import PROJECT_ROOT
+from rsd.data.cache import read_manifest
+from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.envs.libero_env import TaskSpec
+from rsd.models.backbones import backbone_from_config
+from rsd.models.checkpoint import load_draft_checkpoint, resolve_draft_checkpoint
+from rsd.models.main_decoder import load_main_decoder
 from rsd.policies.base import EVAL_MODES, ChunkPolicy
+from rsd.policies.lineage import draft_files, find_best_draft, lineage, training_data_of
+from rsd.tokenizer import RFSQTokenizer
+from rsd.utils.artifacts import read_artifact
 from rsd.utils.device import resolve_device
+from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +37,14 @@ DECODING_KEYS = ("depth", "early_exit", "exit_epsilon", "chance_entropy", "tail_
 
 def _draft_identity(draft_path: str, trust: bool = False) -> dict:
     """The cache identity a draft checkpoint records (``{}`` for original-project files)."""
-    from rsd.models.checkpoint import load_draft_checkpoint
-
     _, info = load_draft_checkpoint(draft_path, trust=trust)
     return dict(info.get("cache_manifest") or {})
 
 
-def training_cache_dirs(spec: Mapping[str, Any]) -> list[str]:
-    """The feature caches the spec's draft and main model were trained on (what an evaluation must be
-    held out from); a model that records none contributes nothing."""
-    from rsd.models.main_decoder import read_main_decoder_metadata
-
-    trust = bool(spec.get("trust_checkpoints"))
-    dirs = [_draft_identity(spec["ckpt"], trust).get("cache_dir")]
-    if spec.get("main_ckpt"):
-        dirs.append((read_main_decoder_metadata(spec["main_ckpt"], trust=trust).get("data") or {}).get("cache_dir"))
-    return [d for d in dirs if d]
+def engine_training_data(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The training data behind a resolved engine spec's draft, main model and tokenizer (its lineage)."""
+    return training_data_of({"draft": spec.get("ckpt"), "main model": spec.get("main_ckpt"),
+                             "tokenizer": spec.get("tokenizer")})
 
 
 def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
@@ -51,10 +54,6 @@ def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
     ``data/models/main_head_*.pt``; a file matches when its recorded ``data`` has the draft's backbone id,
     tokenizer identity and suite.
     """
-    from pathlib import Path
-
-    from rsd import PROJECT_ROOT
-    from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
     root = Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
     candidates = (list(root.glob("main_head/runs/*/main_decoder.pt"))
@@ -83,53 +82,60 @@ def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
 
 
 def _tokenizer_path(spec: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
-    from pathlib import Path
-
-    from rsd import PROJECT_ROOT
 
     if spec.get("tokenizer"):
         return str(spec["tokenizer"])
     cache_dir = identity.get("cache_dir")
     if cache_dir and (Path(cache_dir) / "manifest.json").is_file():
-        from rsd.data.cache import read_manifest
-
         path = (read_manifest(cache_dir).get("tokenizer") or {}).get("path")
         if path and Path(path).is_file():
             return str(path)
     suite = identity.get("suite") or spec.get("suite")
-    return str(PROJECT_ROOT / "data" / "tokenizers" / f"rfsq_{suite}.pt")
+    return str(PROJECT_ROOT / "data" / "tokenizers" / f"rfsq_{suite}" / "rfsq.pt")
 
 
 def resolve_engine_spec(spec: Mapping[str, Any]) -> dict:
-    """``ckpt=best`` and the defaults (main decoder, tokenizer) -> concrete paths, checked once."""
-    from rsd.models.checkpoint import resolve_draft_checkpoint
+    """``ckpt=best`` and the defaults (main decoder, tokenizer) -> concrete paths, checked once.
 
+    A pipeline draft (with an ``artifact.json``) names its main model and tokenizer by content hash
+    (:mod:`rsd.policies.lineage`); a draft without one (older or original-project files) falls back to the
+    newest main decoder trained on the same features and the tokenizer its cache names."""
     spec = dict(spec)
-    spec["ckpt"] = str(resolve_draft_checkpoint(spec.get("ckpt") or "best", spec.get("log_dir")))
-    identity = _draft_identity(spec["ckpt"], bool(spec.get("trust_checkpoints")))
     suite = spec.get("suite")
-    if identity.get("suite") and suite and identity["suite"] != suite and not spec.get("allow_other_suite"):
-        raise ValueError(f"the draft {spec['ckpt']} was trained on {identity['suite']}, not {suite} "
+    log_dir = spec.get("log_dir") or str(PROJECT_ROOT / "logs")
+    if str(spec.get("ckpt") or "best") == "best":
+        path, manifest = find_best_draft(log_dir, suite)
+        spec["ckpt"] = str(path)
+    else:
+        spec["ckpt"] = str(resolve_draft_checkpoint(spec["ckpt"], log_dir))
+        manifest = read_artifact(Path(spec["ckpt"]).parent)
+    if manifest is not None and manifest.get("kind") == "draft":
+        trained_for = manifest.get("suite")
+        chain = draft_files(lineage(Path(spec["ckpt"]).parent))
+    else:
+        identity = _draft_identity(spec["ckpt"], bool(spec.get("trust_checkpoints")))
+        trained_for = identity.get("suite")
+        chain = {"main_ckpt": find_main_decoder(spec.get("log_dir"), identity) if not spec.get("main_ckpt") else None,
+                 "tokenizer": _tokenizer_path(spec, identity)}
+    if trained_for and suite and trained_for != suite and not spec.get("allow_other_suite"):
+        raise ValueError(f"the draft {spec['ckpt']} was trained on {trained_for}, not {suite} "
                          "(set +policy.allow_other_suite=true to evaluate it anyway)")
-    if not spec.get("main_ckpt"):
-        spec["main_ckpt"] = find_main_decoder(spec.get("log_dir"), identity)
-    spec["tokenizer"] = _tokenizer_path(spec, identity)
+    for key in ("main_ckpt", "tokenizer"):
+        if not spec.get(key):
+            if not chain.get(key):
+                raise FileNotFoundError(f"the draft {spec['ckpt']} names no {key.replace('_ckpt', ' model')} that "
+                                        f"still exists (its artifact chain is broken); pass policy.{key}=<path>")
+            spec[key] = chain[key]
     return spec
 
 
 def _build_backbone(spec: Mapping[str, Any], identity: Mapping[str, Any]):
     """The backbone the draft's training cache was built with (``policy.backbone`` overrides it)."""
-    from pathlib import Path
-
-    from rsd.models.backbones import backbone_from_config
-
     if spec.get("backbone"):
         cfg = dict(spec["backbone"])
     elif identity.get("backbone_config"):
         cfg = dict(identity["backbone_config"])
     elif identity.get("cache_dir") and (Path(identity["cache_dir"]) / "manifest.json").is_file():
-        from rsd.data.cache import read_manifest
-
         cfg = dict(read_manifest(identity["cache_dir"])["backbone"]["config"])
     else:
         raise ValueError("the draft checkpoint records no backbone (an original-project file?); pass "
@@ -188,8 +194,6 @@ class EnginePolicy:
         if mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
         if mode not in self._engines:
-            from rsd.engine.rsd_engine import RSDInferenceEngine
-
             self._engines[mode] = RSDInferenceEngine(
                 self.main, self.draft if mode == "speculative" else None, self.tokenizer,
                 mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
@@ -235,10 +239,6 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     ``device``, ``acceptance`` / ``delta`` / ``tau``, ``chunk_len``, ``accelerate`` (``eager`` | ``compile`` |
     ``cuda_graph``, see ``rsd.engine.accelerate``), ``adaptive`` (strict only: speculate only while faster).
     """
-    from rsd.models.checkpoint import load_draft_checkpoint
-    from rsd.models.main_decoder import load_main_decoder
-    from rsd.tokenizer import RFSQTokenizer
-
     if not spec.get("main_ckpt") or not spec.get("tokenizer") or str(spec.get("ckpt")) == "best":
         spec = resolve_engine_spec(spec)
     device = str(resolve_device(spec.get("device")))

@@ -4,18 +4,35 @@ Worker processes build their own policy from a *policy spec*, a plain picklable 
 
     {"factory": "engine", ...options}      # a registered name (see FACTORIES)
     {"factory": "my.module.make_policy", ...options}   # or any importable ``f(spec: dict) -> ChunkPolicy``
+                                                        # (with ``f.training_data(spec)``, see Factory)
 
 so the models are loaded once per worker process and never pickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from rsd.envs.expert import ExpertConfig
 from rsd.policies.base import ChunkPolicy
+from rsd.policies.engine_policy import build_engine_policy, engine_training_data, resolve_engine_spec
 from rsd.policies.harness import ExpertPolicy, NoopPolicy, ReplayPolicy
+from rsd.policies.lineage import no_training_data, training_data_of
+from rsd.policies.vla_llm_policy import build_vla_llm_policy
+
+
+@dataclass(frozen=True)
+class Factory:
+    """A registered policy: how a worker builds it, how the main process resolves its spec (``ckpt: best`` ->
+    paths) and what it was trained on (every factory says; the held-out check reads it before any episode)."""
+
+    build: Callable[[Mapping[str, Any]], ChunkPolicy]
+    training_data: Callable[[Mapping[str, Any]], dict[str, Any]]
+    resolve: Callable[[Mapping[str, Any]], dict] | None = None
 
 
 def _noop(spec: Mapping[str, Any]) -> ChunkPolicy:
@@ -29,35 +46,23 @@ def _replay(spec: Mapping[str, Any]) -> ChunkPolicy:
 def _expert(spec: Mapping[str, Any]) -> ChunkPolicy:
     """``expert_chunk_len`` (default 1 = closed loop; the generic ``chunk_len`` is the engine's) and any
     ``ExpertConfig`` field (gains, geometry) from the spec; other keys are ignored."""
-    import dataclasses
-
-    from rsd.envs.expert import ExpertConfig
-
     names = {f.name for f in dataclasses.fields(ExpertConfig)}
     return ExpertPolicy(chunk_len=spec.get("expert_chunk_len", 1),
                         **{k: v for k, v in spec.items() if k in names})
 
 
-FACTORIES: dict[str, Callable[[Mapping[str, Any]], ChunkPolicy]] = {
-    "noop": _noop,
-    "replay": _replay,
-    "expert": _expert,
-    "engine": lambda spec: _engine(spec),
-    "vla_llm": lambda spec: _vla_llm(spec),
+def vla_llm_training_data(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return training_data_of({"draft": spec.get("ckpt"), "vla_llm main model": spec.get("main_ckpt"),
+                             "tokenizer": spec.get("tokenizer")})
+
+
+FACTORIES: dict[str, Factory] = {
+    "noop": Factory(_noop, lambda spec: no_training_data("the no-op policy learned nothing")),
+    "replay": Factory(_replay, lambda spec: no_training_data("replays the actions it is given")),
+    "expert": Factory(_expert, lambda spec: no_training_data("the scripted expert learned nothing")),
+    "engine": Factory(build_engine_policy, engine_training_data, resolve_engine_spec),
+    "vla_llm": Factory(build_vla_llm_policy, vla_llm_training_data),
 }
-
-
-def _vla_llm(spec: Mapping[str, Any]) -> ChunkPolicy:
-    from rsd.policies.vla_llm_policy import build_vla_llm_policy
-
-    return build_vla_llm_policy(spec)
-
-
-def _engine(spec: Mapping[str, Any]) -> ChunkPolicy:
-    # imported here: the engine policy pulls in torch, which the evaluation's parent process never needs
-    from rsd.policies.engine_policy import build_engine_policy
-
-    return build_engine_policy(spec)
 
 
 def import_object(path: str) -> Any:
@@ -79,7 +84,7 @@ def build_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     factory_name = spec.get("factory")
     if not factory_name:
         raise ValueError(f"policy spec has no 'factory': {dict(spec)}")
-    factory = FACTORIES.get(factory_name) or import_object(factory_name)
+    factory = FACTORIES[factory_name].build if factory_name in FACTORIES else import_object(factory_name)
     policy = factory(spec)
     missing = [m for m in ("reset", "act") if not callable(getattr(policy, m, None))]
     if missing:
@@ -94,11 +99,24 @@ def resolve_policy_spec(spec: Mapping[str, Any]) -> dict:
     that it continues with the same checkpoints.
     """
     spec = dict(spec)
-    if spec.get("factory") == "engine":
-        from rsd.policies.engine_policy import resolve_engine_spec
+    factory = FACTORIES.get(spec.get("factory"))
+    return factory.resolve(spec) if factory and factory.resolve else spec
 
-        return resolve_engine_spec(spec)
-    return spec
+
+def policy_training_data(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resolved spec's policy was trained on, for every factory (see :class:`Factory`).
+
+    An import-path factory declares it with a ``training_data(spec)`` attribute on the function; one that does
+    not is untraceable, and an evaluation of it is not called held out unless the user allows it."""
+    name = spec.get("factory")
+    if name in FACTORIES:
+        return FACTORIES[name].training_data(spec)
+    declared = getattr(import_object(name), "training_data", None)
+    if callable(declared):
+        return declared(spec)
+    return {"learned": True, "data": [], "untraceable": [
+        f"policy factory {name!r} does not declare its training data (give it a `training_data(spec)` attribute "
+        "returning rsd.policies.lineage.training_data_of(...) or no_training_data(...))"]}
 
 
 def spec_identity(spec: Mapping[str, Any], ignore: Sequence[str] = ("device", "accelerate", "adaptive", "trust_checkpoints")) -> dict:

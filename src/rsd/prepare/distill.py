@@ -1,7 +1,10 @@
-"""Draft distillation targets: ``python -m rsd.engine.distill --main <main_decoder.pt> --cache-dir <cache> [--soft]``.
+"""Draft distillation targets (a pipeline step: the pipeline writes training data, the engine only decodes).
 
-Writes the main model's greedy tokens next to a feature cache (``distill_tokens.npy`` + ``.json`` naming the
-main model), which ``experiment=draft_proj_distill`` trains the draft on (``data.targets=distill``).
+``python -m rsd.prepare.distill --main <main_decoder.pt> --cache-dir <cache> [--out-dir <dir>] [--soft]`` writes
+the main model's greedy tokens (``distill_tokens.npy`` + ``.json`` naming the main model) into ``--out-dir``
+(default: the cache folder), which ``experiment=draft_proj_distill`` trains the draft on
+(``data.targets=distill``). ``python train.py experiment=draft_proj`` runs this step itself
+(``rsd.prepare``, step ``distill``, into ``data/distill/<main>/``).
 
 With ``--soft`` it also writes ``distill_probs.npy`` (float16 ``[N, 3, 128, 7]``) + ``.json``: the main
 model's distribution over each coarse layer's tokens, which ``experiment=draft_proj_distill_kl``
@@ -27,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsd.engine.rsd_engine import write_distill_tokens
+from rsd.data.cache import CacheError, open_cache
+from rsd.engine.rsd_engine import greedy_tokens
+from rsd.utils.artifacts import file_sha256
 
 TOKENS_FILE = "distill_tokens.npy"
 PROBS_FILE = "distill_probs.npy"
@@ -54,28 +59,54 @@ def teacher_probs(main: torch.nn.Module, hidden: torch.Tensor, greedy: torch.Ten
     return logits[:, :num_layers].float().softmax(dim=-1)
 
 
+def write_distill_tokens(main: torch.nn.Module, cache_dir: str | os.PathLike, batch_size: int = 256,
+                         device: torch.device | str | None = None, source: Mapping[str, Any] | None = None,
+                         out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``{out_dir}/distill_tokens.npy`` (uint8 ``[N, 8, 128]``, one row per cache frame; ``out_dir``
+    defaults to the cache folder): the main model's greedy tokens, which
+    ``FeatureCacheDataModule(targets="distill")`` trains the draft on.
+
+    ``distill_tokens.json`` next to it records ``source`` (which main model made them) and the cache's
+    frame count, so a draft trained on them can say which main model it imitates."""
+    manifest, arrays = open_cache(cache_dir)
+    d = int(manifest["backbone"]["hidden_dim"])
+    if getattr(main, "input_dim", d) != d:
+        raise CacheError(f"feature cache {cache_dir} has hidden size {d}, the main decoder expects {main.input_dim}")
+    tokens = greedy_tokens(main, arrays["hidden"], batch_size, device)
+    out = Path(out_dir) if out_dir is not None else Path(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / TOKENS_FILE
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, path)
+    info = {"main": dict(source or {}), "num_frames": int(tokens.shape[0]), "shape": list(tokens.shape),
+            "cache": cache_fingerprint(manifest), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return path
+
+
 def write_distill_probs(main: torch.nn.Module, cache_dir: str | os.PathLike, batch_size: int = 256,
                         device: torch.device | str | None = None, source: Mapping[str, Any] | None = None,
-                        num_layers: int = 3, tokens_path: str | os.PathLike | None = None) -> Path:
-    """Write ``{cache_dir}/distill_probs.npy`` (float16 ``[N, num_layers, 128, 7]``, see the module docstring)
+                        num_layers: int = 3, tokens_path: str | os.PathLike | None = None,
+                        out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``{out_dir}/distill_probs.npy`` (``out_dir`` defaults to the cache folder) (float16 ``[N, num_layers, 128, 7]``, see the module docstring)
     from the greedy tokens in ``distill_tokens.npy`` (written first by ``write_distill_tokens`` with the same
     main model), streamed through a memory map so neither file is ever held in memory whole.
 
     ``distill_probs.json`` records the main model (``source``), the tokens file it was conditioned on, the
     cache's fingerprint and the definition; ``argmax_mismatch`` is the fraction of tokens whose float32 argmax
     differs from the greedy token (near-ties computed through another matrix shape, or float16 ties)."""
-    from rsd.data.cache import CacheError, file_sha256, open_cache
-
     cache_dir = Path(cache_dir)
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir
     manifest, arrays = open_cache(cache_dir)
     hidden_all = arrays["hidden"]
     n, d = hidden_all.shape
     if getattr(main, "input_dim", d) != d:
         raise CacheError(f"feature cache {cache_dir} has hidden size {d}, the main decoder expects {main.input_dim}")
-    tokens_path = Path(tokens_path) if tokens_path else cache_dir / TOKENS_FILE
+    tokens_path = Path(tokens_path) if tokens_path else out_dir / TOKENS_FILE
     if not tokens_path.is_file():
         raise CacheError(f"{tokens_path} is missing: soft targets are conditioned on the main model's greedy "
-                         "tokens; write them first (`python -m rsd.engine.distill --soft` does both)")
+                         "tokens; write them first (`python -m rsd.prepare.distill --soft` does both)")
     tokens = np.load(tokens_path, mmap_mode="r")
     if tokens.ndim != 3 or tokens.shape[0] != n or tokens.shape[1] < num_layers - 1:
         raise CacheError(f"{tokens_path} has shape {tokens.shape}, expected [{n}, >={num_layers - 1}, P]")
@@ -83,11 +114,11 @@ def write_distill_probs(main: torch.nn.Module, cache_dir: str | os.PathLike, bat
     made_by = (json.loads(sidecar.read_text()).get("main") or {}) if sidecar.is_file() else {}
     if source and made_by.get("sha256") and source.get("sha256") and made_by["sha256"] != source["sha256"]:
         raise CacheError(f"{tokens_path} was written by main model {made_by} but the soft targets would come from "
-                         f"{dict(source)}: rewrite both with one `python -m rsd.engine.distill --soft` call")
+                         f"{dict(source)}: rewrite both with one `python -m rsd.prepare.distill --soft` call")
     main = main.to(device).eval() if device is not None else main.eval()
     ref = next(main.parameters())
     p, v = int(main.num_positions), int(main.num_levels)
-    path = cache_dir / PROBS_FILE
+    path = out_dir / PROBS_FILE
     tmp = path.with_name(path.name + ".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, num_layers, p, v))
     mismatched = 0
@@ -119,15 +150,15 @@ def write_distill_probs(main: torch.nn.Module, cache_dir: str | os.PathLike, bat
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from rsd.data.cache import file_sha256
     from rsd.models.main_decoder import load_main_decoder
 
     p = argparse.ArgumentParser(description="Write the main model's greedy tokens (and with --soft its coarse-layer "
                                 "distributions) next to a feature cache (draft distillation targets): python -m "
-                                "rsd.engine.distill --main logs/main_head/runs/<time>/main_decoder.pt --cache-dir "
-                                "data/cache/<name> [--soft]")
+                                "rsd.prepare.distill --main data/models/<main>/main_decoder.pt --cache-dir "
+                                "data/cache/<name> [--out-dir <dir>] [--soft]")
     p.add_argument("--main", required=True, help="main_decoder.pt")
     p.add_argument("--cache-dir", required=True)
+    p.add_argument("--out-dir", default=None, help="where to write the targets (default: the cache folder)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--soft", action="store_true",
                    help="also write distill_probs.npy (float16 [N, 3, 128, 7]) for data.targets=distill_soft")
@@ -136,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     decoder = load_main_decoder(args.main, map_location=args.device)
     source = {"path": str(Path(args.main).resolve()), "sha256": file_sha256(args.main, 16)}
-    path = write_distill_tokens(decoder, args.cache_dir, args.batch_size, args.device, source=source)
+    path = write_distill_tokens(decoder, args.cache_dir, args.batch_size, args.device, source=source,
+                                out_dir=args.out_dir)
     print(f"written {path}")
     if args.soft:
         path = write_distill_probs(decoder, args.cache_dir, args.batch_size, args.device, source=source,
-                                   num_layers=args.soft_layers)
+                                   num_layers=args.soft_layers, out_dir=args.out_dir)
         info = json.loads(path.with_suffix(".json").read_text())
         print(f"written {path} (argmax differs from the greedy token on {info['argmax_mismatch']:.2e} of tokens)")
     return 0
