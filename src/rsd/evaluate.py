@@ -5,6 +5,12 @@ baseline, or both on the same init states), appends every episode to ``<out_dir>
 with the same ``out_dir`` resumes), then writes and prints the summary and logs it to Weights & Biases.
 The init states must be held out from the models' training data (``rsd.eval.runner.check_held_out``);
 the summary names every artifact it loaded (path, sha256, artifact content hash), the code commit and the machine.
+
+Order: check the config (:func:`check_eval_config`, before any file is loaded or any model module imported) ->
+make the policy spec (``policy=<name>``: conf/policy/<name>.yaml; ``ckpt: best`` resolved once) -> run. A bad
+value, a missing file or a policy that cannot be built stops the run with one line on stderr
+(:mod:`rsd.utils.errors`; ``HYDRA_FULL_ERROR=1``: the traceback); only an episode's own failure is recorded as
+a failed episode.
 """
 
 from __future__ import annotations
@@ -21,18 +27,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rsd.eval.runner import run_evaluation
-from rsd.eval.shard import shard_dirname
-from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
-from rsd.policies.registry import resolve_policy_spec
+from rsd.envs.libero_env import MAX_STEPS
+from rsd.eval.shard import parse_shard, shard_dirname
+from rsd.policies.base import EVAL_MODES
+from rsd.policies.registry import check_policy_spec
 from rsd.utils.artifacts import code_version, file_sha256, read_artifact
 from rsd.utils.config import CONFIG_DIR
+from rsd.utils.errors import ConfigError, check_composition, report_errors
+
+# the runner, the summaries and the policies' models are imported in evaluate(), after the config is checked
 
 log = logging.getLogger("evaluate")
 
 if not OmegaConf.has_resolver("rsd_first"):
     # ``${rsd_first:a,b}``: the first argument that is not null (out_dir, else a new run folder)
     OmegaConf.register_new_resolver("rsd_first", lambda *args: next((a for a in args if a is not None), None))
+
+
+#: Tasks per suite (LIBERO's benchmark; the runner re-checks against it) and init states per task.
+SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
+INIT_STATES = 50
+PROGRAM = "evaluate.py"
 
 
 def _container(node):
@@ -83,8 +98,77 @@ def policy_artifacts(spec: dict) -> dict[str, Any]:
     return out
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(_is_int(v) for v in value)
+
+
+def check_eval_config(cfg: DictConfig) -> None:
+    """Every setting of an evaluation, before any file is loaded: raises :class:`ConfigError` (or
+    ``FileNotFoundError`` for a named file that does not exist) with the key, the value and the fix."""
+    suite = cfg.get("suite")
+    if suite not in MAX_STEPS:
+        raise ConfigError(f"suite={suite!r}: unknown; one of {'|'.join(MAX_STEPS)}")
+    n_tasks = SUITE_TASKS.get(suite)
+    tasks = _container(cfg.get("tasks"))
+    if tasks is not None:
+        if _is_int(tasks):
+            tasks = [tasks]
+        if not _int_list(tasks) or not tasks:
+            raise ConfigError(f"tasks={tasks!r}: must be null (every task) or a list of task ids, e.g. tasks=[0,3]")
+        bad = [t for t in tasks if n_tasks is not None and not 0 <= t < n_tasks]
+        if bad:
+            raise ConfigError(f"tasks={tasks}: {suite} has tasks 0..{n_tasks - 1}; {bad} is out of range")
+    trials = _container(cfg.get("trials"))
+    if _is_int(trials):
+        if not 1 <= trials <= INIT_STATES:
+            raise ConfigError(f"trials={trials}: must be 1..{INIT_STATES} (trial i starts from init state i) or a "
+                              f"list of trial indices 0..{INIT_STATES - 1}")
+    elif not _int_list(trials) or not trials or any(not 0 <= t < INIT_STATES for t in trials):
+        raise ConfigError(f"trials={trials!r}: must be 1..{INIT_STATES} or a non-empty list of trial indices "
+                          f"0..{INIT_STATES - 1}, e.g. trials=[0,5]")
+    mode = cfg.get("mode")
+    if mode not in (*EVAL_MODES, "both"):
+        raise ConfigError(f"mode={mode!r}: must be one of {'|'.join((*EVAL_MODES, 'both'))}")
+    for key, low in (("workers", 0), ("threads_per_worker", 1), ("max_steps", 1), ("max_episodes", 0)):
+        value = cfg.get(key)
+        if key != "workers" and value is None:
+            continue
+        if not _is_int(value) or value < low:
+            raise ConfigError(f"{key}={value!r}: must be an integer >= {low}"
+                              + ("" if key == "workers" else " or null")
+                              + (" (0 = run in this process)" if key == "workers" else ""))
+    video = _container(cfg.get("video"))
+    if not (video is None or video == "all" or (_is_int(video) and video >= 0) or _int_list(video)):
+        raise ConfigError(f"video={video!r}: must be null, N (first N trials of every task), a list of trials or all")
+    device = str(cfg.get("device"))
+    if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device={device!r}: must be auto | cpu | cuda | cuda:<index> | mps")
+    if cfg.get("wandb_mode") not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"wandb_mode={cfg.get('wandb_mode')!r}: must be null, online, offline or disabled")
+    for key in ("wandb", "retry_errors", "resume_check", "progress", "allow_train_states"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key}={cfg.get(key)!r}: must be true or false")
+    if cfg.get("shard") is not None:
+        try:
+            parse_shard(cfg.shard)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    if cfg.get("policy") is None:
+        raise ConfigError("no policy: use policy=<name> (conf/policy/: engine, vla_llm, expert, noop, replay)")
+    check_policy_spec(_container(cfg.policy))
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Run (or resume) the evaluation of ``cfg``; returns the summary dict."""
+    """Check ``cfg``, then run (or resume) its evaluation; returns the summary dict."""
+    check_eval_config(cfg)
+    from rsd.eval.runner import run_evaluation
+    from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
+    from rsd.policies.registry import resolve_policy_spec
+
     out_dir = output_dir(cfg)
     spec = resolve_policy_spec(_container(cfg.policy))
     log.info("Evaluating %s (%s) -> %s", cfg.suite, spec.get("factory"), out_dir)
@@ -117,15 +201,24 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     # Ctrl-C must interrupt (and leave a resumable folder) even when started as a background job of a
     # non-interactive shell, which starts programs with SIGINT ignored
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        summary = evaluate(cfg)
+        with report_errors(PROGRAM):
+            summary = evaluate(cfg)
     except KeyboardInterrupt:
         log.warning("Interrupted. Finished episodes are in %s/episodes.jsonl; resume with "
                     "`python evaluate.py ... out_dir=%s`", output_dir(cfg), output_dir(cfg))
         sys.exit(130)
     first = next(iter(summary["modes"].values()), None)
     return first["success_rate"] if first else None
+
+
+def main() -> float | None:
+    """``python evaluate.py [overrides]``: the config is composed and checked before Hydra starts the job (no run
+    folder for a bad value); errors a user can act on are one line (:mod:`rsd.utils.errors`)."""
+    with report_errors(PROGRAM):
+        check_composition("eval", sys.argv[1:], check_eval_config)
+    return hydra_main()

@@ -4,29 +4,107 @@
 pipeline steps it needs (``prepare.until``: demos -> tokenizer -> cache -> main -> distill); the pipeline
 prints its plan, builds what is stale and returns the artifacts' identities, which the trained model's own
 artifact manifest records as its inputs (``artifact:`` in the experiment config).
+
+The config is checked first (:func:`check_train_config`, before any file is loaded or the training stack is
+imported); a bad value or a missing file is one line on stderr with a non-zero exit (:mod:`rsd.utils.errors`).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
-from rsd.fit import fit
-from rsd.prepare.pipeline import prepare
+from rsd.envs.libero_env import MAX_STEPS
 from rsd.utils.config import CONFIG_DIR
+from rsd.utils.errors import ConfigError, check_composition, report_errors
+
+PROGRAM = "train.py"
+#: The pipeline's steps (``rsd.prepare.pipeline.STEP_ORDER``; a test checks they agree).
+PIPELINE_STEPS = ("demos", "tokenizer", "cache", "main", "distill")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(cfg: DictConfig, path: str, low: float = 1, integer: bool = True, nullable: bool = True) -> None:
+    node: Any = cfg
+    for part in path.split("."):
+        if node is None or not hasattr(node, "get"):
+            return
+        node = node.get(part)
+    if node is None and nullable:
+        return
+    ok = _is_int(node) if integer else (isinstance(node, int | float) and not isinstance(node, bool))
+    if not ok or node < low:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{path}={node!r}: must be {kind} >= {low}" + (" or null" if nullable else ""))
+
+
+def check_prepare_config(cfg: DictConfig) -> None:
+    """The pipeline's settings (``prepare.*``), before any step runs."""
+    p = cfg.get("prepare")
+    if p is None:
+        return
+    until = p.get("until")
+    if until not in (None, "", "none", *PIPELINE_STEPS):
+        raise ConfigError(f"prepare.until={until!r}: must be null or one of {'|'.join(PIPELINE_STEPS)}")
+    if p.get("suite") not in MAX_STEPS:
+        raise ConfigError(f"prepare.suite={p.get('suite')!r} (from data.suite): unknown; one of {'|'.join(MAX_STEPS)}")
+    _positive(cfg, "prepare.demos.per_task")
+    _positive(cfg, "prepare.demos.workers", low=1)
+    _positive(cfg, "prepare.distill.batch_size")
+    _positive(cfg, "prepare.distill.soft_layers")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """An experiment is chosen and its main settings are in range; raises :class:`ConfigError` /
+    ``FileNotFoundError`` naming the key and the fix."""
+    if cfg.get("data") is None or cfg.get("model") is None:
+        experiments = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+        raise ConfigError("no experiment chosen: run e.g. `python train.py experiment=draft_proj` "
+                          f"(experiments: {', '.join(experiments)})")
+    check_prepare_config(cfg)
+    trainer = cfg.get("trainer") or {}
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and (not _is_int(epochs) or (epochs < 1 and epochs != -1)):
+        raise ConfigError(f"trainer.max_epochs={epochs!r}: must be an integer >= 1 (or -1: no limit)")
+    _positive(cfg, "data.batch_size")
+    _positive(cfg, "data.val_batch_size")
+    _positive(cfg, "data.num_workers", low=0)
+    lr = (cfg.get("model") or {}).get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
+        raise ConfigError(f"model.lr={lr!r}: must be a number > 0")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "auto") and not Path(str(ckpt_path)).expanduser().is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such Lightning checkpoint (a .ckpt file, or "
+                                "ckpt_path=auto for the newest last.ckpt of this task)")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Prepare the experiment's inputs, then fit it; returns the final metrics."""
-    if cfg.get("data") is None or cfg.get("model") is None:
-        raise SystemExit("No experiment chosen. Run e.g. `python train.py experiment=draft_proj` "
-                         "(experiments: conf/experiment/).")
+    """Check the config, prepare the experiment's inputs, then fit it; returns the final metrics."""
+    check_train_config(cfg)
+    from rsd.fit import fit
+    from rsd.prepare.pipeline import prepare
+
     inputs = prepare(cfg) if cfg.get("prepare") is not None else {}
     return fit(cfg, inputs)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+def hydra_main(cfg: DictConfig) -> float | None:
+    with report_errors(PROGRAM):
+        metrics = train(cfg)
     # returned for Hydra sweepers (e.g. optuna) optimising the monitored metric
     return metrics.get(cfg.get("optimized_metric", "val/accuracy"))
+
+
+def main() -> float | None:
+    """``python train.py experiment=<name> [overrides]``: composed and checked before Hydra starts the job."""
+    with report_errors(PROGRAM):
+        check_composition("train", sys.argv[1:], check_train_config)
+    return hydra_main()

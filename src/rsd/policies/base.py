@@ -26,6 +26,22 @@ from rsd.envs.libero_env import TaskSpec
 #: (``baseline``). Not to be confused with the engine's acceptance rules (``rsd.engine``).
 EVAL_MODES = ("speculative", "baseline")
 
+#: Speculative acceptance rules of a decoding policy (``policy.acceptance``; docs/engine.md).
+ACCEPTANCE_RULES = ("strict", "relaxed", "epsilon")
+#: Early-exit rules (``policy.early_exit``); the same tuple as ``rsd.engine.rsd_engine.EXIT_RULES`` (kept here
+#: so the entry points validate a config without importing torch; a test checks they agree).
+EXIT_RULES = ("bound", "chance", "both")
+#: ``policy.accelerate`` values (``rsd.engine.accelerate.ACCELERATE_MODES``, checked equal by a test).
+ACCELERATE_MODES = ("eager", "compile", "cuda_graph")
+#: Residual layers of the RFSQ tokens (``policy.depth`` is in 1..NUM_LAYERS; the engine re-checks against the
+#: main model it is given).
+NUM_LAYERS = 8
+#: Decoding options the speculative and the baseline engine share (the baseline runs at the same depth).
+DECODING_KEYS = ("depth", "early_exit", "exit_epsilon", "chance_entropy", "tail_bounds", "draft_layers")
+#: Every decoding option of a decoding policy: the keys of its config group (conf/policy/engine.yaml) that go to
+#: ``rsd.engine.RSDInferenceEngine`` under the same name (``acceptance`` is the engine's ``mode``).
+ENGINE_OPTION_KEYS = ("acceptance", "delta", "tau", "epsilon", "accelerate", "adaptive", *DECODING_KEYS)
+
 #: Per-inference statistics the summary knows how to report (others are summed and kept as they are).
 #: Times in milliseconds; layer counts are per chunk.
 ENGINE_STAT_KEYS = (

@@ -21,7 +21,7 @@ from rsd.envs.libero_env import TaskSpec
 from rsd.models.backbones import backbone_from_config
 from rsd.models.checkpoint import load_draft_checkpoint, resolve_draft_checkpoint
 from rsd.models.main_decoder import load_main_decoder
-from rsd.policies.base import EVAL_MODES, ChunkPolicy
+from rsd.policies.base import ACCEPTANCE_RULES, DECODING_KEYS, EVAL_MODES, ChunkPolicy
 from rsd.policies.lineage import draft_files, find_best_draft, lineage, training_data_of
 from rsd.tokenizer import RFSQTokenizer
 from rsd.utils.artifacts import read_artifact
@@ -30,9 +30,7 @@ from rsd.utils.serialization import UntrustedFileError, load_torch_file
 
 log = logging.getLogger(__name__)
 
-ACCEPTANCE_RULES = ("strict", "relaxed", "epsilon")
-#: Engine options the speculative and the baseline engine share (the baseline at the same depth).
-DECODING_KEYS = ("depth", "early_exit", "exit_epsilon", "chance_entropy", "tail_bounds", "draft_layers")
+__all__ = ["ACCEPTANCE_RULES", "DECODING_KEYS", "EnginePolicy", "build_engine_policy", "engine_options"]
 
 
 def _draft_identity(draft_path: str, trust: bool = False) -> dict:
@@ -185,6 +183,27 @@ class EnginePolicy:
         self.info = dict(info or {})
         self._engines: dict[str, Any] = {}
         self.engine = None
+        self._check_options()
+
+    def _new_engine(self, mode: str, accelerate: str):
+        return RSDInferenceEngine(
+            self.main, self.draft if mode == "speculative" else None, self.tokenizer,
+            mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
+            epsilon=self.epsilon, gripper_dim=6, backbone=self._encode, device=self.device,
+            accelerate=accelerate, adaptive=self.adaptive and mode == "speculative", **self.decoding)
+
+    def _check_options(self) -> None:
+        """Every option against the models, now (when the policy is built, before any episode), so a bad value
+        stops the evaluation instead of failing every episode: one engine is built eagerly (kept when the
+        policy runs eager; with ``accelerate`` the accelerated engines are built at their first episode)."""
+        mode = "speculative" if self.draft is not None else "baseline"
+        try:
+            engine = self._new_engine(mode, "eager")
+        except ValueError as exc:
+            raise ValueError(f"policy options: {exc}") from exc
+        if self.accelerate == "eager":
+            self._engines[mode] = engine
+            self.info[f"accelerate_{mode}"] = engine.accelerate_info
 
     def _encode(self, observation: tuple[dict, str]):
         obs, instruction = observation
@@ -194,11 +213,7 @@ class EnginePolicy:
         if mode not in EVAL_MODES:
             raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
         if mode not in self._engines:
-            self._engines[mode] = RSDInferenceEngine(
-                self.main, self.draft if mode == "speculative" else None, self.tokenizer,
-                mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
-                epsilon=self.epsilon, gripper_dim=6, backbone=self._encode, device=self.device,
-                accelerate=self.accelerate, adaptive=self.adaptive and mode == "speculative", **self.decoding)
+            self._engines[mode] = self._new_engine(mode, self.accelerate)
             self.info[f"accelerate_{mode}"] = self._engines[mode].accelerate_info
             log.info("engine policy (%s): accelerate %s", mode, self._engines[mode].accelerate_info)
         return self._engines[mode]
@@ -258,12 +273,20 @@ def build_engine_policy(spec: Mapping[str, Any]) -> ChunkPolicy:
     log.info("engine policy: draft %s, main %s, tokenizer %s, backbone %s, device %s", spec["ckpt"],
              spec["main_ckpt"], spec["tokenizer"], backbone.backbone_id, device)
     return EnginePolicy(backbone, draft, main.to(device).eval(), tokenizer.to(device).eval(), device=device,
-                        acceptance=spec.get("acceptance", "strict"), delta=spec.get("delta", 1),
-                        tau=spec.get("tau"), chunk_len=spec.get("chunk_len", 8),
-                        accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
-                        epsilon=spec.get("epsilon"), decoding=decoding_options(spec),
+                        chunk_len=spec.get("chunk_len") or 8, **engine_options(spec),
                         info={"draft": spec["ckpt"], "main": spec["main_ckpt"], "tokenizer": spec["tokenizer"],
                               "backbone_id": backbone.backbone_id})
+
+
+def engine_options(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's decoding options as :class:`EnginePolicy` keyword arguments, in one hop: the config group's keys
+    (:data:`rsd.policies.base.ENGINE_OPTION_KEYS`, conf/policy/engine.yaml) under the same names; the shared
+    ones (:data:`DECODING_KEYS`) as ``decoding``, which goes to both engines unchanged (null: the engine's
+    default). ``delta`` / ``tau`` / ``epsilon`` pass as given (a null ``delta`` means "no level rule")."""
+    out: dict[str, Any] = {k: spec[k] for k in ("acceptance", "delta", "tau", "epsilon") if k in spec}
+    out.update(accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
+               decoding=decoding_options(spec))
+    return out
 
 
 def decoding_options(spec: Mapping[str, Any]) -> dict[str, Any]:
