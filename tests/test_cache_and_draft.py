@@ -18,11 +18,11 @@ from rsd.data.cache import (
     CacheMismatchError,
     open_cache,
     read_manifest,
-    requested_backbone_id,
     write_cache,
 )
 from rsd.data.cache_datamodule import FeatureCacheDataModule
 from rsd.data.splits import is_validation_episode
+from rsd.models.backbones import requested_backbone_id
 from rsd.models.checkpoint import (
     DraftCheckpointError,
     inspect_checkpoint,
@@ -494,10 +494,11 @@ def test_build_cache_from_demo_file(tmp_path: Path) -> None:
     """Expert demo (official HDF5 schema) -> cache; evaluation's rebuilt backbone reproduces the features."""
     pytest.importorskip("libero")
 
-    from rsd.data.cache import backbone_from_manifest, build_cache
+    from rsd.data.cache import build_cache
     from rsd.data.chunks import action_chunks
     from rsd.data.record import run_expert_episode
     from rsd.envs.libero_env import get_init_states, get_task, make_env
+    from rsd.models.backbones import backbone_from_config, backbone_from_manifest
     from rsd.tokenizer.layout import codes_to_layers
     from rsd.tokenizer.rfsq import RFSQTokenizer
 
@@ -517,8 +518,8 @@ def test_build_cache_from_demo_file(tmp_path: Path) -> None:
         tok = RFSQTokenizer()
         tok.normalizer.fit(ep.actions)
         tok_path = tok.save(tmp_path / "rfsq.pt")
-        cache = build_cache(suite, tmp_path / "cache", tok_path, tmp_path / "demos", {"name": "sim_state"},
-                            progress=False)
+        cache = build_cache(suite, tmp_path / "cache", tok_path, tmp_path / "demos",
+                            backbone_from_config({"name": "sim_state"}), progress=False)
         manifest, arrays = open_cache(cache)
         assert manifest["num_frames"] == 16 * n_demos and manifest["num_val_episodes"] == 1
         assert manifest["tokenizer"]["identity"] == tok.identity()
@@ -538,7 +539,7 @@ def test_build_cache_from_demo_file(tmp_path: Path) -> None:
         tok2 = RFSQTokenizer()
         tok2.normalizer.fit(ep.actions * 2)
         with pytest.raises(CacheMismatchError, match="tokenizer"):
-            build_cache(suite, cache, tok2.save(tmp_path / "rfsq2.pt"), tmp_path / "demos", {"name": "sim_state"},
-                        progress=False)
+            build_cache(suite, cache, tok2.save(tmp_path / "rfsq2.pt"), tmp_path / "demos",
+                        backbone_from_config({"name": "sim_state"}), progress=False)
     finally:
         env.close()

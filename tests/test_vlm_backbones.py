@@ -24,7 +24,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rsd.models.backbones import backbone_from_config, build_backbone, check_hidden_dim  # noqa: E402
+from rsd.models.backbones import (  # noqa: E402
+    backbone_from_config,
+    backbone_from_manifest,
+    build_backbone,
+    check_hidden_dim,
+)
 from rsd.models.backbones.base import BackboneError  # noqa: E402
 from rsd.models.backbones.hf_vlm import (  # noqa: E402
     DeviceUnavailableError,
@@ -319,7 +324,7 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
     pytest.importorskip("libero")
     import h5py
 
-    from rsd.data.cache import backbone_from_manifest, build_cache, open_cache
+    from rsd.data.cache import build_cache, open_cache
     from rsd.data.libero_hdf5 import Episode, demo_path, write_demo_file
     from rsd.data.record import run_expert_episode
     from rsd.data.splits import is_validation_episode
@@ -351,7 +356,7 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
     tok_path = tok.save(tmp_path / "rfsq.pt")
 
     backbone = {"name": "hf_vlm", "model_path": str(models["llava"]), "hidden_dim": D, "batch_size": 8}
-    cache = build_cache(SUITE, tmp_path / "cache", tok_path, tmp_path / "demos", backbone,
+    cache = build_cache(SUITE, tmp_path / "cache", tok_path, tmp_path / "demos", backbone_from_config(backbone),
                         hidden_dtype="float32", progress=False)
     manifest, arrays = open_cache(cache)
     assert manifest["num_frames"] == 24 and manifest["num_val_episodes"] == 1

@@ -37,9 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from rsd import PROJECT_ROOT
+from rsd.data.action_chunks import demo_files, task_ids_for_files
+from rsd.data.chunks import action_chunks
 from rsd.data.heldout import START_STATES_FILE, episode_origin, write_start_states
+from rsd.data.libero_hdf5 import DemoSchemaError, read_demo_file
+from rsd.data.splits import is_validation_episode
+from rsd.envs.libero_env import get_task, make_env
+from rsd.models.backbones import Backbone
+from rsd.models.backbones.sim_state import describe_task
+from rsd.tokenizer.layout import codes_to_layers
+from rsd.tokenizer.rfsq import RFSQTokenizer
 from rsd.utils.artifacts import file_sha256
 from rsd.utils.progress import progress_bar
 
@@ -244,8 +254,6 @@ def open_cache(cache_dir: str | os.PathLike, mmap: bool = True) -> tuple[dict[st
 def _read_demos(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
     """``[(demo_key, states [T, S], actions [T, 7], origin)]`` of a LIBERO HDF5 file (official or generated
     schema); ``origin`` as :func:`rsd.data.heldout.episode_origin`."""
-    from rsd.data.libero_hdf5 import DemoSchemaError, read_demo_file
-
     try:
         demo_file = read_demo_file(path, load_images=False)
     except DemoSchemaError as err:
@@ -271,31 +279,20 @@ def _tokenizer_info(tokenizer, path: Path) -> dict[str, Any]:
 
 
 def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | os.PathLike,
-                demos_dir: str | os.PathLike, backbone: Mapping[str, Any], *, overwrite: bool = False,
+                demos_dir: str | os.PathLike, backbone: Backbone, *, overwrite: bool = False,
                 hidden_dtype: str = "float16", max_demos_per_task: int | None = None,
                 val_fraction: float = 0.1, split_seed: int = 0, batch_size: int = 2048,
                 progress: bool = True) -> Path:
-    """Build ``cache_dir`` from the suite's demos, a backbone config (``{"name": ..., **kwargs}``) and a
-    tokenizer file. Returns the cache folder. Refuses to overwrite a cache of another backbone/tokenizer.
+    """Build ``cache_dir`` from the suite's demos, a built backbone (``rsd.models.backbones.backbone_from_config``;
+    a fitted backbone such as ``sim_state`` is fitted here, in place) and a tokenizer file. Returns the cache
+    folder. Refuses to overwrite a cache of another backbone/tokenizer.
     """
-    import torch
-
-    from rsd.data.action_chunks import demo_files, task_ids_for_files
-    from rsd.data.chunks import action_chunks
-    from rsd.data.splits import is_validation_episode
-    from rsd.envs.libero_env import get_task, make_env
-    from rsd.models.backbones import backbone_from_config
-    from rsd.models.backbones.sim_state import describe_task
-    from rsd.tokenizer.layout import codes_to_layers
-    from rsd.tokenizer.rfsq import RFSQTokenizer
-
     t_start = time.time()
     cache_dir, demos_dir, tokenizer_path = Path(cache_dir), Path(demos_dir), Path(tokenizer_path)
     if hidden_dtype not in ("float16", "float32"):
         raise ValueError(f"hidden_dtype must be float16 or float32, got {hidden_dtype}")
     tokenizer = RFSQTokenizer.load(tokenizer_path)
-    bb_cfg = dict(backbone)
-    bb = backbone_from_config(bb_cfg)
+    bb = backbone
     requested = {"backbone_id": bb.backbone_id, "hidden_dim": bb.hidden_dim,
                  "tokenizer": tokenizer.identity(), "suite": suite}
     if (cache_dir / MANIFEST).is_file():
@@ -444,19 +441,6 @@ def build_cache(suite: str, cache_dir: str | os.PathLike, tokenizer_path: str | 
     return cache_dir
 
 
-def backbone_from_manifest(manifest_or_dir: Mapping[str, Any] | str | os.PathLike):
-    """Rebuild the exact backbone a cache was built with (what evaluation must use)."""
-    from rsd.models.backbones import backbone_from_config
-
-    manifest = (manifest_or_dir if isinstance(manifest_or_dir, Mapping)
-                else read_manifest(manifest_or_dir))
-    bb = backbone_from_config(manifest["backbone"]["config"])
-    if bb.backbone_id != manifest["backbone"]["id"]:
-        raise CacheMismatchError(f"rebuilt backbone {bb.backbone_id} differs from the cache's "
-                                 f"{manifest['backbone']['id']}")
-    return bb
-
-
 # ---------------------------------------------------------------------------------------------- defaults
 def _plain(cfg: Any) -> dict[str, Any]:
     try:
@@ -472,12 +456,3 @@ def _plain(cfg: Any) -> dict[str, Any]:
 def _resolve(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def requested_backbone_id(backbone_cfg: Mapping[str, Any]) -> str | None:
-    """The ``backbone_id`` a backbone config would produce, without building the backbone (None: unknown)."""
-    from rsd.models.backbones import BACKBONES
-
-    cfg = dict(backbone_cfg)
-    cls = BACKBONES.get(cfg.pop("name", ""))
-    return None if cls is None else cls.id_from_config(cfg)

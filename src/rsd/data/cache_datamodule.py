@@ -41,8 +41,8 @@ from rsd.data.cache import (
     cache_complete,
     check_identity,
     open_cache,
-    requested_backbone_id,
 )
+from rsd.models.backbones import requested_backbone_id
 from rsd.tokenizer.layout import NUM_LEVELS
 from rsd.utils.artifacts import artifact_ref, read_artifact
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from rsd.data.cache import build_cache
 from rsd.data.collect import collect_suite
 from rsd.fit import fit
+from rsd.models.backbones import backbone_from_config
 from rsd.models.main_decoder import load_main_decoder
 from rsd.prepare.distill import PROBS_FILE, TOKENS_FILE, write_distill_probs, write_distill_tokens
 from rsd.utils.artifacts import (
@@ -157,7 +158,7 @@ def make_steps(cfg: DictConfig) -> dict[str, Step]:
 
         def build_feature_cache(inputs: Mapping[str, dict]) -> None:
             build_cache(suite, c.dir, tokenizer_file(_path(inputs, "tokenizer")), _path(inputs, "demos").parent,
-                        cache_cfg["backbone"] or {"name": "sim_state"}, overwrite=True,
+                        backbone_from_config(cache_cfg["backbone"] or {"name": "sim_state"}), overwrite=True,
                         hidden_dtype=cache_cfg["hidden_dtype"], max_demos_per_task=cache_cfg["max_demos_per_task"],
                         val_fraction=cache_cfg["val_fraction"], progress=progress)
             return None

@@ -15,7 +15,6 @@ from rsd.models.backbones.hf_vlm import HFVLMBackbone, VLMBackboneError, check_h
 from rsd.models.backbones.openvla import OpenVLABackbone
 from rsd.models.backbones.sim_state import SimStateBackbone
 
-_PLANNED: dict[str, str] = {}
 BACKBONES: dict[str, type[Backbone]] = {"sim_state": SimStateBackbone, "hf_vlm": HFVLMBackbone,
                                         "openvla": OpenVLABackbone}
 
@@ -24,11 +23,7 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
     """Instantiate a registered backbone by name (kwargs as in its ``config()``)."""
     if name in BACKBONES:
         return BACKBONES[name].from_config(kwargs)
-    if name in _PLANNED:
-        raise NotImplementedError(
-            f"backbone '{name}' ({_PLANNED[name]}) is not implemented yet; it is planned for a later issue. "
-            f"Available now: {sorted(BACKBONES)} (e.g. backbone=sim_state).")
-    raise ValueError(f"unknown backbone '{name}'; available: {sorted(BACKBONES)}, planned: {sorted(_PLANNED)}")
+    raise ValueError(f"unknown backbone '{name}'; available: {sorted(BACKBONES)}")
 
 
 def backbone_from_config(cfg: Mapping[str, Any]) -> Backbone:
@@ -39,5 +34,23 @@ def backbone_from_config(cfg: Mapping[str, Any]) -> Backbone:
     return build_backbone(cfg.pop("name"), **cfg)
 
 
+def backbone_from_manifest(manifest: Mapping[str, Any]) -> Backbone:
+    """Rebuild the exact backbone a feature cache was built with (what evaluation must use) from the cache's
+    manifest (``rsd.data.cache.read_manifest``); ``BackboneError`` when the rebuilt identity differs."""
+    bb = backbone_from_config(manifest["backbone"]["config"])
+    if bb.backbone_id != manifest["backbone"]["id"]:
+        raise BackboneError(f"rebuilt backbone {bb.backbone_id} differs from the cache's "
+                            f"{manifest['backbone']['id']}")
+    return bb
+
+
+def requested_backbone_id(backbone_cfg: Mapping[str, Any]) -> str | None:
+    """The ``backbone_id`` a backbone config would produce, without building the backbone (None: unknown)."""
+    cfg = dict(backbone_cfg)
+    cls = BACKBONES.get(cfg.pop("name", ""))
+    return None if cls is None else cls.id_from_config(cfg)
+
+
 __all__ = ["Backbone", "BackboneError", "SimStateBackbone", "HFVLMBackbone", "OpenVLABackbone", "VLMBackboneError",
-           "check_hidden_dim", "build_backbone", "backbone_from_config"]
+           "check_hidden_dim", "build_backbone", "backbone_from_config", "backbone_from_manifest",
+           "requested_backbone_id"]
