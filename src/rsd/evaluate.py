@@ -165,6 +165,7 @@ def check_eval_config(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     """Check ``cfg``, then run (or resume) its evaluation; returns the summary dict."""
     check_eval_config(cfg)
+    # lazy: keeps torch and LIBERO out of the config check (a bad config fails in < 1 s)
     from rsd.eval.runner import run_evaluation
     from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
     from rsd.policies.registry import resolve_policy_spec

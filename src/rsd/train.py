@@ -88,6 +88,7 @@ def check_train_config(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Check the config, prepare the experiment's inputs, then fit it; returns the final metrics."""
     check_train_config(cfg)
+    # lazy: keeps torch out of the config check (a bad config fails in < 1 s)
     from rsd.fit import fit
     from rsd.prepare.pipeline import prepare
 

@@ -33,7 +33,9 @@ from typing import Any
 import pandas as pd
 
 from rsd.analysis.stats import success_stats
-from rsd.eval.summary import TASK_COLUMNS, num, task_table
+from rsd.eval.runner import EPISODES_FILE, RUN_FILE, load_records
+from rsd.eval.shard import SHARD_FILE
+from rsd.eval.summary import SUMMARY_JSON, TASK_COLUMNS, num, summarize, task_table
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,6 @@ def _label(path: Path, root: Path | None) -> str:
 
 def load_eval_dir(path: str | Path, label: str | None = None, root: str | Path | None = None) -> EvalFolder:
     """An evaluation folder (``episodes.jsonl`` and/or ``summary.json``)."""
-    from rsd.eval.runner import EPISODES_FILE, RUN_FILE, load_records
-    from rsd.eval.summary import SUMMARY_JSON, summarize
-
     path = Path(path)
     saved = json.loads((path / SUMMARY_JSON).read_text()) if (path / SUMMARY_JSON).is_file() else {}
     records = load_records(path) if (path / EPISODES_FILE).is_file() else []
@@ -98,8 +97,6 @@ def load_eval_dir(path: str | Path, label: str | None = None, root: str | Path |
 
 def find_eval_dirs(log_dir: str | Path, include_shards: bool = False) -> list[Path]:
     """Evaluation folders under ``log_dir`` (sorted), without shard folders unless ``include_shards``."""
-    from rsd.eval.shard import SHARD_FILE
-
     root = Path(log_dir)
     if not root.exists():
         return []

@@ -43,6 +43,8 @@ from rsd.analysis.compare import (
     records_by_run,
     short_labels,
 )
+from rsd.analysis.frontier import write_operating_points
+from rsd.analysis.plots import plot_acceptance_vs_success
 from rsd.analysis.stats import paired_comparison
 from rsd.eval.summary import (
     STATISTICS_NOTE,
@@ -307,8 +309,6 @@ def build_report(eval_dirs: Sequence[str | Path], out: str | Path, title: str = 
 
     plt.close(fig)
     if sum(r["mode"] == "speculative" for r in rows) >= 2:
-        from rsd.analysis.plots import plot_acceptance_vs_success
-
         sweep_fig = plot_acceptance_vs_success(eval_table(folders))
         if sweep_fig is not None:
             paths["sweep_png"] = out / "sweep.png"
@@ -335,8 +335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = build_report(args.eval_dirs, args.out, args.title, args.label)
         if args.benchmark:
-            from rsd.analysis.frontier import write_operating_points
-
             folders = [load_eval_dir(d) for d in resolve_dirs(args.eval_dirs)]
             paths.update({f"points_{k}": v for k, v in write_operating_points(
                 folders, load_eval_dir(args.baseline), args.benchmark, args.out).items()})

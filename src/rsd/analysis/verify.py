@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsd import PROJECT_ROOT
 from rsd.analysis.sequential import read_records
 from rsd.analysis.stats import ALPHA, mcnemar_exact, pair_records, wilson_interval
 
@@ -288,8 +289,6 @@ def _reject_constant(name: str) -> Any:
 
 def verify(roots: Iterable[str | Path], require_provenance: bool = False, repo: str | Path | None = None) -> Report:
     """Verify every result under ``roots`` (see the module docstring); never raises on a bad file."""
-    from rsd import PROJECT_ROOT
-
     repo = Path(repo or PROJECT_ROOT)
     report = Report()
     for root in map(Path, roots):

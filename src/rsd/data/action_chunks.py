@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rsd.data.chunks import action_chunks
 from rsd.data.splits import is_validation_episode
+from rsd.envs.libero_setup import configure_libero
 from rsd.tokenizer.layout import CHUNK_LEN
 from rsd.tokenizer.normalizer import ActionNormalizer
 
@@ -65,10 +66,8 @@ def task_ids_for_files(suite: str, files: list[Path]) -> list[int]:
         return ids  # type: ignore[return-value]
     names = {}
     try:
-        from rsd.envs.libero_setup import configure_libero
-
         configure_libero()
-        from libero.libero import benchmark
+        from libero.libero import benchmark  # optional dependency, importable only after configure_libero()
 
         bench = benchmark.get_benchmark_dict()[suite]()
         names = {bench.get_task(i).name: i for i in range(bench.n_tasks)}

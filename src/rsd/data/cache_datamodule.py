@@ -44,6 +44,7 @@ from rsd.data.cache import (
 )
 from rsd.models.backbones import requested_backbone_id
 from rsd.tokenizer.layout import NUM_LEVELS
+from rsd.tokenizer.rfsq import RFSQTokenizer
 from rsd.utils.artifacts import artifact_ref, read_artifact
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,6 @@ class FeatureCacheDataModule(L.LightningDataModule):
         if not path.is_file():
             log.warning("tokenizer %s not found: cannot check the cache's tokenizer identity", path)
             return None
-        from rsd.tokenizer.rfsq import RFSQTokenizer
 
         return RFSQTokenizer.load(path).identity()
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from rsd import PROJECT_ROOT
+from rsd.data.heldout import SAME_SCENE_TOL, nearest_scene
 from rsd.data.libero_hdf5 import (
     IMAGE_OBS_KEYS,
     DemoSchemaError,
@@ -43,6 +44,10 @@ from rsd.data.libero_hdf5 import (
     summarize_demo_file,
     write_demo_file,
 )
+from rsd.data.record import run_expert_episode
+from rsd.envs.expert import SUPPORTED_SUITES
+from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks
+from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -84,8 +89,6 @@ def scene_seed_for(seed_base: int, task_id: int, attempt: int) -> int:
 
 
 def _get_env(suite: str, task_id: int, images: bool, resolution: int):
-    from rsd.envs.libero_env import get_init_states, get_task, make_env
-
     key = (suite, task_id, images, resolution)
     if _ENV_CACHE.get("key") != key:
         _close_cached_env()
@@ -106,8 +109,6 @@ def _part_paths(parts_dir: Path, init_index: int) -> tuple[Path, Path]:
 def _scene(env, init_states: np.ndarray, init_source: str, task_id: int, index: int, seed_base: int
            ) -> tuple[np.ndarray, dict[str, Any]]:
     """The start scene of attempt ``index`` and what to record about it (see the module docstring)."""
-    from rsd.data.heldout import nearest_scene
-
     if init_source == "official":
         return np.asarray(init_states[index], dtype=np.float64), {"init_source": "official",
                                                                    "official_index": int(index)}
@@ -130,9 +131,6 @@ def run_attempt(
     seed :func:`scene_seed_for`, rejected (``rejected`` set, no episode) when it coincides with an
     official init state. Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
     """
-    from rsd.data.heldout import SAME_SCENE_TOL
-    from rsd.data.record import run_expert_episode
-
     parts = Path(parts_dir)
     parts.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -365,9 +363,6 @@ def collect_suite(
     ``task_id, name, attempts, successes, success_rate, mean_episode_length, failed_init_states, file``
     plus totals and the wall time.
     """
-    from rsd.envs.expert import SUPPORTED_SUITES
-    from rsd.envs.libero_env import get_init_states, get_task, num_tasks
-
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {suite!r}")
     if init_source not in INIT_SOURCES:
@@ -575,8 +570,6 @@ def _write_summary(summary: dict[str, Any], suite_dir: Path) -> None:
 def main() -> None:
     import hydra
     from omegaconf import OmegaConf
-
-    from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="collect")
     def _run(cfg) -> None:

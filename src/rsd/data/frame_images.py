@@ -19,6 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rsd.data.action_chunks import demo_files
+from rsd.data.cache import _read_demos, open_cache
+from rsd.envs.libero_env import get_task, make_env
+
 IMAGES_FORMAT = "rsd.vla_frame_images"
 
 
@@ -29,10 +33,6 @@ def render_frame_images(cache_dir: str | Path, images_dir: str | Path, image_key
     Frame ``i`` of ``images.npy`` is frame ``i`` of the cache (same episode order). Needs LIBERO with a
     renderer (the images are rendered, never substituted).
     """
-    from rsd.data.action_chunks import demo_files
-    from rsd.data.cache import _read_demos, open_cache
-    from rsd.envs.libero_env import get_task, make_env
-
     manifest, arrays = open_cache(cache_dir)
     n = int(manifest["num_frames"]) if "num_frames" in manifest else int(arrays["tokens"].shape[0])
     demos_dir = Path(demos_dir or manifest["demos_dir"])
@@ -113,8 +113,6 @@ class VLAFrameDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:
             return
-        from rsd.data.cache import open_cache
-
         self.prepare_data()
         manifest, arrays = open_cache(self.cache_dir)
         info = json.loads((self.images_dir / "manifest.json").read_text())

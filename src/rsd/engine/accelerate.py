@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from rsd.tokenizer.layout import layers_to_codes
+
 ACCELERATE_MODES = ("eager", "compile", "cuda_graph")
 
 
@@ -353,8 +355,6 @@ class LightHead:
         return cache
 
     def decode_eager(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from rsd.tokenizer.layout import layers_to_codes
-
         cache = self._cache(hidden.shape[0])
         cache.length = 0
         token = self.main.score(hidden, None, cache)[:, 0].argmax(-1)

@@ -29,6 +29,8 @@ from typing import Any
 
 from rsd.eval.runner import EPISODES_FILE, HELDOUT_FILE, RUN_FILE, EpisodeLog, record_key
 from rsd.eval.shard import read_shard_file
+from rsd.eval.summary import SUMMARY_JSON, print_summary, summarize, write_summary
+from rsd.policies.registry import spec_identity
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,6 @@ def _job_key(suite: str, item: Sequence) -> tuple:
 
 def _full_policy(dirs: Sequence[Path], identity: Mapping[str, Any]) -> dict:
     """The policy spec as the shards' summaries record it (with ``device``), else the identity's."""
-    from rsd.eval.summary import SUMMARY_JSON
-    from rsd.policies.registry import spec_identity
-
     for d in dirs:
         if (d / SUMMARY_JSON).is_file():
             policy = json.loads((d / SUMMARY_JSON).read_text()).get("policy")
@@ -122,8 +121,6 @@ def merged_verdict(dirs: Sequence[Path]) -> dict:
 
 def merge_shards(dirs: Sequence[str | Path], out: str | Path | None = None) -> dict:
     """Merge evaluation folders; returns ``{"summary", "records", "report", "identity"}`` and writes ``out``."""
-    from rsd.eval.summary import summarize, write_summary
-
     dirs = find_eval_dirs(dirs)
     identities = {d: _identity(d) for d in dirs}
     base = {k: v for k, v in (next((i for i in identities.values() if i), None) or {}).items() if k != "shard"}
@@ -261,8 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = result["report"]
     if not args.quiet:
-        from rsd.eval.summary import print_summary
-
         print_summary(result["summary"])
     print(format_report(report))
     print(f"Merged evaluation: {args.out}")

@@ -28,6 +28,7 @@ import numpy as np
 
 from rsd.analysis.stats import ALPHA, CONFIDENCE, pair_records, paired_comparison, success_stats
 from rsd.policies.base import EVAL_MODES
+from rsd.utils.wandb_setup import resolve_wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -494,8 +495,6 @@ def log_to_wandb(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]
     run's folder (offline runs are uploaded later with ``wandb sync <folder>``).
     """
     import os
-
-    from rsd.utils.wandb_setup import resolve_wandb_mode
 
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from rsd.models.backbones import backbone_from_config
 from rsd.models.layer_metrics import LayerTokenMetrics
 from rsd.models.vla_llm_main import VLALLMMain, VLAPromptBackbone, save_vla_llm_main
 from rsd.utils.config import net_config
@@ -58,8 +59,6 @@ class VLALLMLitModule(L.LightningModule):
         self.save_hyperparameters({"backbone": backbone, "net": main, "lr": lr, "weight_decay": weight_decay,
                                    "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
                                    "label_smoothing": label_smoothing, "betas": tuple(betas)})
-        from rsd.models.backbones import backbone_from_config
-
         self.backbone = backbone_from_config(backbone)
         self.prompts = VLAPromptBackbone(self.backbone)
         self.main = VLALLMMain(self.prompts.language_model(), **main)

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from rsd.models.backbones import backbone_from_config
 from rsd.tokenizer.layout import NUM_LAYERS, NUM_LEVELS, NUM_POSITIONS
 
 VLA_LLM_FORMAT = "rsd.vla_llm_main"
@@ -538,8 +539,6 @@ def load_vla_llm_main(path: str | Path, backbone: Any = None, map_location: str 
         if key not in payload:
             raise VLALLMCheckpointError(f"{path}: lacks {key!r}")
     if backbone is None:
-        from rsd.models.backbones import backbone_from_config
-
         backbone = backbone_from_config({**payload["backbone"], **dict(backbone_overrides or {})})
     prompt_backbone = VLAPromptBackbone(backbone)
     main = VLALLMMain(prompt_backbone.language_model(), **payload["config"])

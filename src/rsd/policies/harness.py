@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from rsd.envs.expert import ExpertConfig, make_expert
 from rsd.envs.libero_env import TaskSpec
 
 
@@ -100,8 +101,6 @@ class ExpertPolicy:
 
     def act(self, obs: dict, instruction: str) -> tuple[np.ndarray, dict]:
         if self._expert is None:
-            from rsd.envs.expert import ExpertConfig, make_expert
-
             if self._env is None or self._task is None:
                 raise RuntimeError("ExpertPolicy needs bind_env(env) and reset(task) before act")
             self._expert = make_expert(self._env, self._task, ExpertConfig(**self.config))

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from rsd import PROJECT_ROOT
 from rsd.envs.expert import ExpertConfig
 from rsd.policies.base import (
     ACCELERATE_MODES,
@@ -35,6 +38,7 @@ from rsd.policies.base import (
     ChunkPolicy,
 )
 from rsd.policies.harness import ExpertPolicy, NoopPolicy, ReplayPolicy
+from rsd.utils.config import CONFIG_DIR
 from rsd.utils.errors import ConfigError
 
 # The learned policies' modules (torch, lightning) are imported when a worker builds one, not here: the entry
@@ -77,7 +81,7 @@ def _lazy(path: str) -> Callable:
 
 def _nothing_learned(why: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     def training_data(spec: Mapping[str, Any]) -> dict[str, Any]:
-        from rsd.policies.lineage import no_training_data
+        from rsd.policies.lineage import no_training_data  # lazy: lineage loads torch (models.checkpoint)
 
         return no_training_data(why)
 
@@ -158,8 +162,6 @@ def check_engine_options(spec: Mapping[str, Any]) -> None:
 
 
 def _file_exists(path: Any) -> bool:
-    from rsd import PROJECT_ROOT
-
     p = Path(str(path)).expanduser()
     return p.is_file() or (not p.is_absolute() and (PROJECT_ROOT / p).is_file())
 
@@ -233,7 +235,7 @@ def _expert(spec: Mapping[str, Any]) -> ChunkPolicy:
 
 
 def vla_llm_training_data(spec: Mapping[str, Any]) -> dict[str, Any]:
-    from rsd.policies.lineage import training_data_of
+    from rsd.policies.lineage import training_data_of  # lazy: lineage loads torch (models.checkpoint)
 
     return training_data_of({"draft": spec.get("ckpt"), "vla_llm main model": spec.get("main_ckpt"),
                              "tokenizer": spec.get("tokenizer")})
@@ -264,10 +266,6 @@ FACTORIES: dict[str, Factory] = {
 @functools.cache
 def engine_group_defaults() -> dict[str, Any]:
     """The literal values of conf/policy/engine.yaml (interpolations left out)."""
-    from omegaconf import OmegaConf
-
-    from rsd.utils.config import CONFIG_DIR
-
     node = OmegaConf.load(Path(CONFIG_DIR) / "policy" / "engine.yaml")
     raw = OmegaConf.to_container(node, resolve=False)
     return {k: v for k, v in raw.items() if not (isinstance(v, str) and "${" in v)}

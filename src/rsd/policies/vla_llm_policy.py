@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from rsd.models.checkpoint import load_draft_checkpoint
+from rsd.models.vla_llm_main import load_vla_llm_main
 from rsd.policies.engine_policy import EnginePolicy, engine_options
+from rsd.tokenizer import RFSQTokenizer
 from rsd.utils.device import resolve_device
 
 
@@ -20,10 +23,6 @@ def build_vla_llm_policy(spec: Mapping[str, Any]) -> EnginePolicy:
     to the engine as for ``policy=engine`` (:func:`engine_options`). The backbone is rebuilt from the main file
     (its ``device`` set to ``device``); ``backbone`` is refused (``rsd.policies.registry.check_policy_spec``).
     """
-    from rsd.models.checkpoint import load_draft_checkpoint
-    from rsd.models.vla_llm_main import load_vla_llm_main
-    from rsd.tokenizer import RFSQTokenizer
-
     if spec.get("backbone"):
         raise ValueError("policy=vla_llm rebuilds its backbone from policy.main_ckpt; remove policy.backbone")
     device = str(resolve_device(spec.get("device")))

@@ -44,6 +44,7 @@ def _run(args: list[str]) -> int:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=args)
         check_prepare_config(cfg)
+        # lazy: keeps torch out of the config check (a bad config fails in < 1 s)
         from rsd.prepare.pipeline import adopt, format_plan, plan, prepare
 
         if dry:

@@ -32,6 +32,7 @@ import torch
 
 from rsd.data.cache import CacheError, open_cache
 from rsd.engine.rsd_engine import greedy_tokens
+from rsd.models.main_decoder import load_main_decoder
 from rsd.utils.artifacts import file_sha256
 
 TOKENS_FILE = "distill_tokens.npy"
@@ -149,8 +150,6 @@ def write_distill_probs(main: torch.nn.Module, cache_dir: str | os.PathLike, bat
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-
-    from rsd.models.main_decoder import load_main_decoder
 
     p = argparse.ArgumentParser(description="Write the main model's greedy tokens (and with --soft its coarse-layer "
                                 "distributions) next to a feature cache (draft distillation targets): python -m "

@@ -159,10 +159,11 @@ def check_composition(config_name: str, argv: Sequence[str], check: Callable[[An
     overrides = hydra_overrides(argv)
     if overrides is None:
         return
+    # lazy, like hydra: every entry point imports rsd.utils.errors first; it has no module-level dependency
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rsd.utils.config import CONFIG_DIR
+    from rsd.utils.config import CONFIG_DIR  # lazy: see above (omegaconf, resolvers)
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsd import PROJECT_ROOT
 from rsd.models.backbones.base import Backbone, BackboneError
 from rsd.utils.device import DeviceUnavailableError as _DeviceUnavailableError
 from rsd.utils.device import resolve_device
@@ -86,8 +87,6 @@ class DeviceUnavailableError(VLMBackboneError, _DeviceUnavailableError):
 # ---------------------------------------------------------------------------------------------- helpers
 def resolve_model_path(model_path: str | os.PathLike) -> Path:
     """Absolute paths as they are; relative ones against the project root, else the working directory."""
-    from rsd import PROJECT_ROOT
-
     path = Path(os.path.expanduser(str(model_path)))
     if path.is_absolute():
         return path
