@@ -45,8 +45,6 @@ import numpy as np
 
 #: Per-demo datasets every LIBERO demo carries (official files and ours).
 REQUIRED_DEMO_KEYS = ("actions", "states", "obs")
-#: Datasets our writer always adds (official files have them too, but readers do not require them).
-STANDARD_DEMO_KEYS = ("actions", "states", "robot_states", "rewards", "dones", "obs")
 LOW_DIM_OBS_KEYS = ("ee_pos", "ee_ori", "ee_states", "gripper_states", "joint_states")
 IMAGE_OBS_KEYS = ("agentview_rgb", "eye_in_hand_rgb")
 REQUIRED_DATA_ATTRS = ("problem_info", "env_args")

@@ -28,11 +28,6 @@ def _libero_package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "libero"
 
 
-def assets_dir() -> Path:
-    """The LIBERO asset folder that the libero package reads (scenes, objects, textures)."""
-    return _libero_package_dir() / "assets"
-
-
 def configure_libero(mujoco_gl: str | None = None) -> Path:
     """Point LIBERO at a project-local config (written if missing) and check the assets.
 

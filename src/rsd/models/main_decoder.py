@@ -51,7 +51,7 @@ class MainDecoderCheckpointError(ValueError):
 
 @dataclass
 class DepthKVCache:
-    """Keys/values of every block for the depth positions decoded so far (preallocated, ``max_len``).
+    """Keys/values of every block for the depth positions decoded so far (preallocated to a maximum length).
 
     ``length`` is the number of valid positions; ``truncate(n)`` drops the positions ``>= n``
     (rejected draft layers) without copying: they are overwritten by the next ``extend``.
@@ -60,10 +60,6 @@ class DepthKVCache:
     keys: list[torch.Tensor]  # per block [B, heads, max_len, head_dim]
     values: list[torch.Tensor]
     length: int = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -296,11 +292,6 @@ def _read_payload(path: str | Path, map_location: str | torch.device, trust: boo
     if not isinstance(payload, dict):
         raise MainDecoderCheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
     return payload
-
-
-def read_main_decoder_metadata(path: str | Path, trust: bool = False) -> dict:
-    """Everything a main decoder file records except its weights (``data``: the cache it was trained on)."""
-    return {k: v for k, v in _read_payload(path, "cpu", trust).items() if k != "state_dict"}
 
 
 def load_main_decoder(path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
