@@ -34,7 +34,8 @@ Real models::
     .venv/bin/python scripts/benchmark_engine.py --cache-dir data/cache/sim_state_libero_spatial \\
         --draft best --main best [--tokenizer data/tokenizers/rfsq_libero_spatial.pt] [--samples 200]
 
-``--draft best`` / ``--main best``: the newest export under ``logs/draft_proj`` / ``logs/main_head``.
+``--draft best``: the draft ``ckpt=best`` picks (rsd.policies.lineage); ``--main best``: the newest export under
+``logs/main_head``.
 
 Synthetic (no data, no checkpoints; also what runs when ``--cache-dir`` is missing)::
 
@@ -219,12 +220,14 @@ def _newest(pattern: str) -> Path:
 def load_real(args):
     from rsd.data.cache import open_cache
     from rsd.models.checkpoint import load_draft_checkpoint, resolve_draft_checkpoint
+    from rsd.policies.lineage import find_best_draft
 
     if not (args.cache_dir and args.draft and args.main):
         raise SystemExit("give --cache-dir, --draft and --main (or --synthetic)")
     main_path = _newest("main_head/runs/*/main_decoder.pt") if args.main == "best" else Path(args.main)
     main = load_main_decoder(main_path)
-    draft, info = load_draft_checkpoint(resolve_draft_checkpoint(args.draft))
+    draft_path = find_best_draft(PROJECT_ROOT / "logs", None)[0] if args.draft == "best" else args.draft
+    draft, info = load_draft_checkpoint(resolve_draft_checkpoint(draft_path))
     manifest, arrays = open_cache(args.cache_dir)
     d = int(manifest["backbone"]["hidden_dim"])
     if main.input_dim != d or draft.input_dim != d:

@@ -77,7 +77,7 @@ and draft <= 0.1 ms as a CUDA graph; the faster design per action >= 20x OpenVLA
 
     python scripts/benchmark_gpu_latency.py --device cuda --backbone openvla-shaped --backbone-scale full \
         --designs head,vla_llm --accel eager,cuda_graph --vla-accel eager,static,static_compile \
-        --acceptance-json docs/results/gpu/cpu_acceptance.json --iters 50 --backbone-iters 10 \
+        --acceptance-json docs/results/legacy/gpu/cpu_acceptance.json --iters 50 --backbone-iters 10 \
         --out docs/results/gpu/openvla_shaped_h200.json
 
 CPU (small scale, ~20 s on one core)::

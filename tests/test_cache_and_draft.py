@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from factories import BACKBONE, TOKENIZER_ID, D, _episode_keys, make_tiny_cache  # noqa: E402
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -18,10 +19,8 @@ from rsd.data.cache import (
     CacheMismatchError,
     open_cache,
     read_manifest,
-    write_cache,
 )
 from rsd.data.cache_datamodule import FeatureCacheDataModule
-from rsd.data.splits import is_validation_episode
 from rsd.models.backbones import requested_backbone_id
 from rsd.models.checkpoint import (
     DraftCheckpointError,
@@ -35,58 +34,6 @@ from rsd.models.checkpoint import (
 from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.utils.config import CONFIG_DIR
 
-D = 64  # tiny hidden size for the synthetic caches
-BACKBONE = {"name": "sim_state", "hidden_dim": D}
-TOKENIZER_ID = "rfsq-test0000"
-
-
-def _episode_keys(n_train: int, n_val: int, suite: str = "libero_spatial") -> list[tuple[str, int]]:
-    """Demo keys with a known split (the shared rule decides; pick keys until both sides are filled)."""
-    out, tr, va, i = [], 0, 0, 0
-    while tr < n_train or va < n_val:
-        key = f"{suite}/0/demo_{i}"
-        if is_validation_episode(key):
-            if va < n_val:
-                out.append((key, 1))
-                va += 1
-        elif tr < n_train:
-            out.append((key, 0))
-            tr += 1
-        i += 1
-    return out
-
-
-def make_tiny_cache(cache_dir: Path, n_train: int = 6, n_val: int = 2, length: int = 24, seed: int = 0,
-                    tokenizer: str = TOKENIZER_ID, backbone: dict | None = None, classes: int | None = None) -> Path:
-    """A learnable synthetic cache: tokens are a fixed function of the hidden state (``classes``: hidden
-    states are noisy copies of that many prototypes, each with its own random token table)."""
-    rng = np.random.default_rng(seed)
-    backbone = backbone or BACKBONE
-    keys = _episode_keys(n_train, n_val)
-    n = len(keys) * length
-    if classes:
-        protos = np.random.default_rng(123).standard_normal((classes, backbone["hidden_dim"]))
-        tables = np.random.default_rng(124).integers(0, 7, (classes, 8, 128)).astype(np.uint8)
-        cls = rng.integers(0, classes, n)
-        hidden = (protos[cls] + 0.3 * rng.standard_normal((n, backbone["hidden_dim"]))).astype(np.float16)
-        tokens = tables[cls]
-    else:
-        hidden = rng.standard_normal((n, backbone["hidden_dim"])).astype(np.float16)
-        proj = np.random.default_rng(123).standard_normal((backbone["hidden_dim"], 8 * 128))
-        tokens = np.clip(np.round(hidden.astype(np.float64) @ proj / 8 + 3), 0, 6).astype(np.uint8).reshape(n, 8, 128)
-    actions = rng.uniform(-1, 1, (n, 8, 7)).astype(np.float32)
-    episode = np.repeat(np.arange(len(keys)), length)
-    split = np.repeat([s for _, s in keys], length)
-    manifest = {
-        "backbone": {"name": backbone["name"], "id": requested_backbone_id(backbone),
-                     "hidden_dim": backbone["hidden_dim"], "feature_definition": "synthetic", "config": backbone},
-        "suite": "libero_spatial",
-        "tasks": [{"task_id": 0, "name": "synthetic", "language": "do the thing"}],
-        "episodes": [{"key": k, "split": "val" if s else "train"} for k, s in keys],
-        "tokenizer": {"identity": tokenizer},
-    }
-    return write_cache(cache_dir, hidden, tokens, actions, episode, np.zeros(n, np.int16), split, manifest)
-
 
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -94,9 +41,9 @@ def _compose(overrides: list[str]):
 
 
 def _train_overrides(tmp_path: Path, cache_dir: Path, *extra: str, run: str = "r1") -> list[str]:
-    return ["experiment=draft_proj", f"data.cache_dir={cache_dir}", f"data.tokenizer_identity={TOKENIZER_ID}",
+    return ["experiment=draft_proj_gt", f"data.cache_dir={cache_dir}", f"data.tokenizer_identity={TOKENIZER_ID}",
             f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
-            f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'logs/draft_proj/runs' / run}",
+            f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={tmp_path / 'logs/draft_proj_gt/runs' / run}",
             "logger=csv", "callbacks.progress_bar=null", "trainer.accelerator=cpu",
             "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", *extra]
 
@@ -121,14 +68,17 @@ def test_every_experiment_composes(experiment: str) -> None:
 def test_draft_configs() -> None:
     cfg = _compose(["experiment=draft_proj", "paths.output_dir=/tmp/x"])
     assert cfg.model.net.input_dim == cfg.backbone.hidden_dim == 4096
-    assert cfg.data.cache_dir.endswith("data/cache/sim_state_libero_spatial")
+    # one place decides each artifact's folder (conf/prepare from conf/paths); the data config reads it
+    assert cfg.data.cache_dir == cfg.prepare.cache.dir and cfg.data.cache_dir.endswith("data/cache/sim_state_libero_spatial")
+    assert cfg.data.tokenizer_path == f"{cfg.prepare.tokenizer.dir}/rfsq.pt"
+    assert cfg.data.distill_probs.startswith(cfg.prepare.distill.dir)
+    # make train's draft is distilled from the main model it is evaluated with: the pipeline runs to `distill`
+    assert cfg.prepare.until == "distill" and cfg.data.targets == "distill_soft" and cfg.artifact.kind == "draft"
     assert "export_draft" in cfg.callbacks and cfg.callbacks.model_checkpoint.monitor == "val/accuracy"
+    gt = _compose(["experiment=draft_proj_gt", "paths.output_dir=/tmp/x"])
+    assert gt.prepare.until == "cache" and gt.data.targets == "ground_truth"
     small = _compose(["experiment=draft_proj_small", "paths.output_dir=/tmp/x"])
     assert small.model.net.hidden_dim == 256
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cache_cfg = compose(config_name="cache", overrides=["backbone=sim_state", "suite=libero_spatial",
-                                                            "paths.output_dir=/tmp/x"])
-    assert cache_cfg.cache_dir.endswith("sim_state_libero_spatial")
 
 
 def test_vlm_backbones_need_a_model_path() -> None:
@@ -255,8 +205,8 @@ def test_fast_dev_run_draft_proj_and_export(tmp_path: Path) -> None:
     assert info["cache_manifest"]["tokenizer"] == TOKENIZER_ID
     assert info["cache_manifest"]["backbone_id"] == requested_backbone_id(BACKBONE)
     assert model(torch.zeros(2, D)).shape == (2, 3, 128, 7)
-    # ckpt=best finds it; the inspect CLI prints what the guide checks
-    assert resolve_draft_checkpoint("best", tmp_path / "logs") == out
+    # a path resolves to itself; the inspect CLI prints what the guide checks
+    assert resolve_draft_checkpoint(str(out)) == out
     assert checkpoint_cli(["inspect", str(out)]) == 0
 
 
@@ -308,7 +258,7 @@ def test_train_checkpoint_export_and_resume(tmp_path: Path) -> None:
     cfg2 = _compose(_train_overrides(tmp_path, cache, "trainer.max_epochs=3", "ckpt_path=auto",
                                      *_first_weights(tmp_path / "first.pt"), run="r2"))
     _train(cfg2)
-    r2 = tmp_path / "logs/draft_proj/runs/r2"
+    r2 = tmp_path / "logs/draft_proj_gt/runs/r2"
     first = torch.load(tmp_path / "first.pt", weights_only=True)
     # the resumed run starts where the checkpoint stopped: its epoch, its step, its weights
     assert (first["epoch"], first["global_step"]) == (2, 10)
@@ -457,8 +407,8 @@ def test_checkpoints_holding_code_are_refused_unless_trusted(tmp_path: Path, cap
 def test_bad_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(DraftCheckpointError, match="not found"):
         load_draft_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(DraftCheckpointError, match="no best_draft_with_projection.pt"):
-        resolve_draft_checkpoint("best", tmp_path / "logs")
+    with pytest.raises(DraftCheckpointError, match="names no file here"):
+        resolve_draft_checkpoint("best")  # the one rule for ckpt=best lives in rsd.policies.lineage
     path, _ = _original_file(tmp_path / "good.pt", input_dim=64, hidden_dim=64, feedforward_dim=64)
     data = path.read_bytes()
     truncated = tmp_path / "truncated.pt"

@@ -9,8 +9,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from factories import TOKENIZER_ID, D, make_tiny_cache
 from hydra import compose, initialize_config_dir
-from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
 
 from rsd.data.cache import CacheError, read_manifest
 from rsd.data.cache_datamodule import FeatureCacheDataModule

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import tiny_engine_artifacts
 
 from rsd import PROJECT_ROOT
 from rsd.eval.rollout import accumulate_stats, binarize_gripper, check_chunk
 from rsd.eval.runner import EPISODES_FILE, load_records, record_key, run_evaluation
 from rsd.eval.summary import format_guide_summary, summarize, task_table_markdown, write_summary
 from rsd.policies import NoopPolicy, build_policy
+from rsd.policies.lineage import no_training_data
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
@@ -67,6 +69,9 @@ class FaultyPolicy(NoopPolicy):
 
 def make_faulty_policy(spec: dict) -> FaultyPolicy:
     return FaultyPolicy(spec)
+
+
+make_faulty_policy.training_data = lambda spec: no_training_data("a test harness policy")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,51 +242,16 @@ def test_expert_policy_success_is_counted(tmp_path):
     assert rec["num_inferences"] == rec["steps"]  # chunk_len 1: closed loop
 
 
-def _tiny_engine_artifacts(root: Path) -> dict:
-    """A sim_state backbone, RFSQ tokenizer, main decoder and draft (random weights) saved the way
-    training exports them, with the draft's cache identity naming the backbone."""
-    import torch
-    import torch.nn.functional as F
-
-    from rsd.models.backbones import build_backbone
-    from rsd.models.checkpoint import save_draft_checkpoint
-    from rsd.models.draft import RFSQDraftModelWithProjection
-    from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
-    from rsd.tokenizer import RFSQTokenizer
-
-    torch.manual_seed(0)
-    bb = build_backbone("sim_state", hidden_dim=256, linear_dim=64, axis_freqs=1)
-    bb.fit(np.random.default_rng(0).normal(size=(16, len(bb.feature_names))))
-    tok = RFSQTokenizer(hidden_dim=32, mlp_depth=1)
-    tok.normalizer.fit(np.random.default_rng(1).uniform(-0.5, 0.5, size=(64, 7)))
-    tok_path = tok.save(root / "rfsq.pt")
-    identity = {"backbone_id": bb.backbone_id, "backbone_name": "sim_state", "hidden_dim": 256,
-                "tokenizer": RFSQTokenizer.load(tok_path).identity(), "suite": SUITE,
-                "backbone_config": bb.config()}
-    main = RFSQMainDecoder(input_dim=256, d_model=32, num_blocks=1, num_heads=2, ff_dim=64)
-    with torch.no_grad():  # a fixed level per (layer, position) leads by 20 logits: no near-ties, so strict
-        # speculation must reproduce the baseline's tokens on any CPU (rounding is ~1e-6)
-        levels = torch.randint(0, 7, (main.num_layers, main.num_positions), generator=torch.Generator().manual_seed(0))
-        main.head_bias.copy_(20.0 * F.one_hot(levels, 7).float().reshape(main.num_layers, -1))
-    save_main_decoder(main, root / "logs" / "main_head" / "runs" / "r1" / "main_decoder.pt", data=identity)
-    draft_cfg = dict(input_dim=256, hidden_dim=32, feedforward_dim=64)
-    draft = RFSQDraftModelWithProjection(**draft_cfg)
-    save_draft_checkpoint(root / "logs" / "draft_proj" / "runs" / "r1" / "best_draft_with_projection.pt",
-                          draft.state_dict(), None, 0, 0.5, draft_cfg, cache_manifest=identity)
-    return {"tokenizer": str(tok_path), "log_dir": str(root / "logs")}
-
-
 @pytest.mark.sim
 def test_engine_policy_both_modes_on_the_same_init_states(tmp_path):
     from rsd.policies import resolve_policy_spec
 
-    art = _tiny_engine_artifacts(tmp_path)
+    art = tiny_engine_artifacts(tmp_path)
     spec = resolve_policy_spec({"factory": "engine", "suite": SUITE, "ckpt": "best", "log_dir": art["log_dir"],
                                 "tokenizer": art["tokenizer"], "main_ckpt": None, "backbone": None,
                                 "device": "auto", "acceptance": "strict", "delta": 1, "tau": None,
                                 "chunk_len": 8})
-    assert spec["ckpt"].endswith("r1/best_draft_with_projection.pt")
-    assert spec["main_ckpt"].endswith("r1/main_decoder.pt")
+    assert spec["ckpt"] == art["draft"] and spec["main_ckpt"] == art["main"]  # the draft's lineage names it
     run = run_evaluation(SUITE, spec, tmp_path / "out", tasks=[0], trials=[0], mode="both", workers=0,
                          max_steps=24, progress=False)
     spec_rec, base_rec = run.records
@@ -325,6 +295,9 @@ class FlakyPolicy(NoopPolicy):
 
 def make_flaky_policy(spec: dict) -> FlakyPolicy:
     return FlakyPolicy(spec)
+
+
+make_flaky_policy.training_data = lambda spec: no_training_data("a test harness policy")
 
 
 def _evaluate_in_process(out_dir: Path, *overrides: str) -> dict:

@@ -416,15 +416,15 @@ def test_slurm_launcher_config():
 def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tmp_path):
     import lightning as L
     import torch
+    from factories import TOKENIZER_ID, D, make_tiny_cache
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from margins import LOGIT_MARGIN, top2_gap
-    from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
 
     from rsd.models.checkpoint import load_draft_checkpoint
 
     cache = make_tiny_cache(tmp_path / "cache")  # 6 train / 2 val episodes of 24 frames
-    common = ["experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
+    common = ["experiment=draft_proj_gt", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
               f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
               "model.net.hidden_dim=64", "model.net.feedforward_dim=128", "model.net.num_heads=4", "model.net.dropout=0.0",
               "model.lr=0",  # weights stay at their (seeded) init: the logged metrics are checkable here

@@ -59,11 +59,8 @@ def test_wandb_mode_detection(monkeypatch, tmp_path: Path) -> None:
 
 def test_default_logger_wandb_csv_writes_offline_run_and_csv(tmp_path: Path, monkeypatch) -> None:
     """``train.py`` without ``logger=``: W&B (offline here: no key) and CSV, both with the run's metrics."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parent))
+    from factories import TOKENIZER_ID, D, make_tiny_cache
     from hydra import compose, initialize_config_dir
-    from test_cache_and_draft import TOKENIZER_ID, D, make_tiny_cache
 
     import rsd.train as entry
     from rsd.utils.config import CONFIG_DIR
@@ -76,7 +73,7 @@ def test_default_logger_wandb_csv_writes_offline_run_and_csv(tmp_path: Path, mon
     out = tmp_path / "run"
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            "experiment=draft_proj", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
+            "experiment=draft_proj_gt", f"data.cache_dir={cache}", f"data.tokenizer_identity={TOKENIZER_ID}",
             f"backbone.hidden_dim={D}", "data.batch_size=32", "prepare.until=null",
             f"paths.log_dir={tmp_path / 'logs'}", f"paths.output_dir={out}", "callbacks.progress_bar=null",
             "trainer.accelerator=cpu", "trainer.max_epochs=1", "model.net.hidden_dim=32",

@@ -376,7 +376,7 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
               "backbone=hf_vlm", f"backbone.model_path={models['llava']}", f"backbone.hidden_dim={D}",
               "data.batch_size=4", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=csv",
               "callbacks.progress_bar=null", f"paths.log_dir={logs}"]
-    _, metrics = _train(["experiment=draft_proj", *common, f"paths.output_dir={logs}/draft_proj/runs/r1",
+    _, metrics = _train(["experiment=draft_proj_gt", *common, f"paths.output_dir={logs}/draft_proj/runs/r1",
                          "model.net.hidden_dim=32", "model.net.feedforward_dim=64", "model.net.num_heads=2"])
     assert "val/accuracy" in metrics
     draft_file = logs / "draft_proj/runs/r1/best_draft_with_projection.pt"

@@ -13,52 +13,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from rsd.envs.libero_env import MAX_STEPS
+from rsd.prepare.config import check_prepare_config, is_int, positive
 from rsd.utils.config import CONFIG_DIR
 from rsd.utils.errors import ConfigError, check_composition, report_errors
 
 PROGRAM = "train.py"
-#: The pipeline's steps (``rsd.prepare.pipeline.STEP_ORDER``; a test checks they agree).
-PIPELINE_STEPS = ("demos", "tokenizer", "cache", "main", "distill")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive(cfg: DictConfig, path: str, low: float = 1, integer: bool = True, nullable: bool = True) -> None:
-    node: Any = cfg
-    for part in path.split("."):
-        if node is None or not hasattr(node, "get"):
-            return
-        node = node.get(part)
-    if node is None and nullable:
-        return
-    ok = _is_int(node) if integer else (isinstance(node, int | float) and not isinstance(node, bool))
-    if not ok or node < low:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{path}={node!r}: must be {kind} >= {low}" + (" or null" if nullable else ""))
-
-
-def check_prepare_config(cfg: DictConfig) -> None:
-    """The pipeline's settings (``prepare.*``), before any step runs."""
-    p = cfg.get("prepare")
-    if p is None:
-        return
-    until = p.get("until")
-    if until not in (None, "", "none", *PIPELINE_STEPS):
-        raise ConfigError(f"prepare.until={until!r}: must be null or one of {'|'.join(PIPELINE_STEPS)}")
-    if p.get("suite") not in MAX_STEPS:
-        raise ConfigError(f"prepare.suite={p.get('suite')!r} (from data.suite): unknown; one of {'|'.join(MAX_STEPS)}")
-    _positive(cfg, "prepare.demos.per_task")
-    _positive(cfg, "prepare.demos.workers", low=1)
-    _positive(cfg, "prepare.distill.batch_size")
-    _positive(cfg, "prepare.distill.soft_layers")
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -71,11 +34,11 @@ def check_train_config(cfg: DictConfig) -> None:
     check_prepare_config(cfg)
     trainer = cfg.get("trainer") or {}
     epochs = trainer.get("max_epochs")
-    if epochs is not None and (not _is_int(epochs) or (epochs < 1 and epochs != -1)):
+    if epochs is not None and (not is_int(epochs) or (epochs < 1 and epochs != -1)):
         raise ConfigError(f"trainer.max_epochs={epochs!r}: must be an integer >= 1 (or -1: no limit)")
-    _positive(cfg, "data.batch_size")
-    _positive(cfg, "data.val_batch_size")
-    _positive(cfg, "data.num_workers", low=0)
+    positive(cfg, "data.batch_size")
+    positive(cfg, "data.val_batch_size")
+    positive(cfg, "data.num_workers", low=0)
     lr = (cfg.get("model") or {}).get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
         raise ConfigError(f"model.lr={lr!r}: must be a number > 0")

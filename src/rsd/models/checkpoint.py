@@ -14,10 +14,9 @@ The original project's files have only the first four keys; ``load_draft_checkpo
 infers the hyperparameters from the state-dict shapes when there is no config. Any problem (missing
 file, unreadable/truncated file, wrong keys or shapes) raises ``DraftCheckpointError`` with one message.
 
-``ckpt=best`` resolves to the newest (by modification time) ``best_draft_with_projection.pt`` among
-``{log_dir}/draft_proj/runs/*/`` and ``{log_dir}/draft_proj/multiruns/*/*/``; anything else is a path.
+``ckpt=best`` is resolved by the evaluation (``rsd.policies.lineage.find_best_draft``); here a checkpoint is a path.
 
-CLI: ``python -m rsd.models.checkpoint inspect <path|best>`` prints what the original guide checks (keys,
+CLI: ``python -m rsd.models.checkpoint inspect <path>`` prints what the original guide checks (keys,
 ``val_accuracy``, epoch, and whether ``input_projection.weight`` is there, with its shape).
 """
 
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 FILENAME = "best_draft_with_projection.pt"
 ORIGINAL_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "val_accuracy")
-DRAFT_TASK = "draft_proj"
 DEFAULTS = {"input_dim": 4096, "hidden_dim": 512, "num_coarse_layers": 3, "chunk_len": 8,
             "action_hidden_dim": 16, "grid_size": 7, "num_heads": 8, "feedforward_dim": 2048, "dropout": 0.1}
 
@@ -270,20 +268,13 @@ def load_draft_checkpoint(path: str | os.PathLike, map_location: str | torch.dev
 
 
 # ---------------------------------------------------------------------------------------------- resolve
-def resolve_draft_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike | None = None,
-                             task_name: str = DRAFT_TASK) -> Path:
-    """``ckpt=best`` -> the newest ``{log_dir}/{task_name}/runs/*/best_draft_with_projection.pt`` (also
-    ``multiruns/*/*/``) by modification time; any other value is a file path (relative paths are tried
-    from the working directory, then from the project root). Raises ``DraftCheckpointError``.
-    """
-    log_dir = Path(log_dir) if log_dir else PROJECT_ROOT / "logs"
+def resolve_draft_checkpoint(spec: str | os.PathLike) -> Path:
+    """A draft checkpoint path (relative paths are tried from the working directory, then from the project
+    root). ``best`` is not a path: it is resolved by the evaluation (``rsd.policies.lineage.find_best_draft``,
+    the one rule for it). Raises ``DraftCheckpointError``."""
     if str(spec) == "best":
-        root = log_dir / task_name
-        found = list(root.glob(f"runs/*/{FILENAME}")) + list(root.glob(f"multiruns/*/*/{FILENAME}"))
-        if not found:
-            raise DraftCheckpointError(f"ckpt=best: no {FILENAME} under {root}/runs/*/ (or multiruns/*/*/). "
-                                       "Train a draft first: `python train.py experiment=draft_proj`.")
-        return max(found, key=lambda p: p.stat().st_mtime)
+        raise DraftCheckpointError("'best' names no file here: `python evaluate.py ckpt=best` resolves it "
+                                   "(rsd.policies.lineage.find_best_draft); pass a path to a draft checkpoint")
     path = Path(spec).expanduser()
     if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
@@ -294,13 +285,13 @@ def resolve_draft_checkpoint(spec: str | os.PathLike, log_dir: str | os.PathLike
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def inspect_checkpoint(spec: str, log_dir: str | None = None, trust: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(spec: str, trust: bool = False) -> dict[str, Any]:
     """What the original guide checks, as a dict (also printed by the CLI).
 
     Missing and unreadable files raise ``DraftCheckpointError``; a readable file that does not load into
     the draft model is reported with ``loads: False`` and the reason in ``error``.
     """
-    path = resolve_draft_checkpoint(spec, log_dir)
+    path = resolve_draft_checkpoint(spec)
     payload = _load_payload(path, "cpu", trust)
     keys = list(payload.keys()) if isinstance(payload, Mapping) else []
     state = payload.get("model_state_dict") if isinstance(payload, Mapping) else None
@@ -333,14 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Inspect draft checkpoints (best_draft_with_projection.pt).")
     sub = parser.add_subparsers(dest="command", required=True)
     p_inspect = sub.add_parser("inspect", help="print keys, val_accuracy, epoch and the projection layer")
-    p_inspect.add_argument("ckpt", help="a checkpoint path, or 'best' (newest draft_proj run)")
-    p_inspect.add_argument("--log-dir", default=None, help="logs folder for 'best' (default: <repo>/logs)")
+    p_inspect.add_argument("ckpt", help="a checkpoint path")
     p_inspect.add_argument("--json", action="store_true", help="print JSON")
     p_inspect.add_argument("--trust", action="store_true",
                            help="allow a file that needs full unpickling (runs code stored in it)")
     args = parser.parse_args(argv)
     try:
-        out = inspect_checkpoint(args.ckpt, args.log_dir, trust=args.trust)
+        out = inspect_checkpoint(args.ckpt, trust=args.trust)
     except DraftCheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ prints the plan and builds what is stale; ``prepare.until=cache`` stops after th
 ``--plan`` prints the plan only; ``--adopt demos`` records existing demo files (e.g. official LIBERO ones) as
 the demos artifact instead of collecting new ones.
 
-The config is checked before the pipeline is imported (:func:`rsd.train.check_prepare_config`); a bad value or a
+The config is checked before the pipeline is imported (:func:`rsd.prepare.config.check_prepare_config`); a bad value or a
 missing file is one line on stderr with a non-zero exit (:mod:`rsd.utils.errors`).
 """
 
@@ -16,7 +16,7 @@ import sys
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from rsd.train import PIPELINE_STEPS, check_prepare_config
+from rsd.prepare.config import STEP_ORDER, check_prepare_config
 from rsd.utils.config import CONFIG_DIR
 from rsd.utils.errors import ConfigError, report_errors
 
@@ -28,8 +28,8 @@ def _run(args: list[str]) -> int:
     adopt_step = None
     if "--adopt" in args:
         i = args.index("--adopt")
-        if i + 1 >= len(args) or args[i + 1] not in PIPELINE_STEPS:
-            raise ConfigError(f"--adopt needs a step: one of {'|'.join(PIPELINE_STEPS)} (e.g. --adopt demos)")
+        if i + 1 >= len(args) or args[i + 1] not in STEP_ORDER:
+            raise ConfigError(f"--adopt needs a step: one of {'|'.join(STEP_ORDER)} (e.g. --adopt demos)")
         adopt_step = args[i + 1]
     args = [a for i, a in enumerate(args) if a != "--plan" and a != "--adopt"
             and not (i and args[i - 1] == "--adopt")]

@@ -33,6 +33,7 @@ from rsd.data.collect import collect_suite
 from rsd.fit import fit
 from rsd.models.backbones import backbone_from_config
 from rsd.models.main_decoder import load_main_decoder
+from rsd.prepare.config import STEP_ORDER
 from rsd.prepare.distill import PROBS_FILE, TOKENS_FILE, write_distill_probs, write_distill_tokens
 from rsd.utils.artifacts import (
     artifact_ref,
@@ -46,8 +47,6 @@ from rsd.utils.config import CONFIG_DIR
 
 log = logging.getLogger("rsd.prepare")
 
-#: The steps in data-flow order (a step's inputs are among the steps before it).
-STEP_ORDER = ("demos", "tokenizer", "cache", "main", "distill")
 TOKENIZER_FILE = "rfsq.pt"
 MAIN_FILE = "main_decoder.pt"
 
