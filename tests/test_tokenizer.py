@@ -252,7 +252,7 @@ def test_datamodule_splits_by_episode_and_fits_normalizer_on_train(tmp_path: Pat
     assert stats["skip_dims"] == [6]
 
     empty = ActionChunkDataModule(demos_dir=str(tmp_path / "none"))
-    with pytest.raises(DemosNotFoundError, match="python -m rsd.data.collect suite=libero_spatial"):
+    with pytest.raises(DemosNotFoundError, match="python -m rsd.prepare prepare.until=demos"):
         empty.prepare_data()
 
 

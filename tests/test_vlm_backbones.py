@@ -233,12 +233,14 @@ def test_configs_match_constructors() -> None:
 
     for name, cls in (("hf_vlm", HFVLMBackbone), ("openvla", OpenVLABackbone)):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="cache", overrides=[f"backbone={name}", "paths.output_dir=/tmp/rsd-compose"])
+            cfg = compose(config_name="train", overrides=["experiment=draft_proj", f"backbone={name}",
+                                                          "paths.output_dir=/tmp/rsd-compose"])
         keys = set(cfg.backbone) - {"name"}
         params = set(inspect.signature(cls.__init__).parameters) - {"self"}
         assert cfg.backbone.name == name and keys <= params, keys - params
         assert {"model_path", "device", "dtype", "batch_size", "hidden_dim"} <= keys
-        assert cfg.cache_dir.endswith(f"{name}_libero_spatial")
+        assert cfg.prepare.cache.dir.endswith(f"{name}_libero_spatial") and cfg.prepare.cache.backbone.name == name
+        assert cfg.data.cache_dir == cfg.prepare.cache.dir
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=draft_proj", "backbone=openvla",
                                                       "paths.output_dir=/tmp/rsd-compose"])
@@ -329,6 +331,7 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
     from rsd.data.record import run_expert_episode
     from rsd.data.splits import is_validation_episode
     from rsd.envs.libero_env import get_init_states, get_task, make_env
+    from rsd.data.heldout import TrainStatesError
     from rsd.eval.runner import run_evaluation
     from rsd.policies import resolve_policy_spec
     from rsd.tokenizer.rfsq import RFSQTokenizer
@@ -387,12 +390,21 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
     assert (logs / "main_head/runs/r1/main_decoder.pt").is_file()
 
     # a short evaluation with images: the backbone comes from the draft's cache identity
-    spec = resolve_policy_spec({"factory": "engine", "suite": SUITE, "ckpt": "best", "log_dir": str(logs),
-                                "tokenizer": None, "main_ckpt": None, "backbone": None, "device": "cpu",
+    # (ckpt=best wants pipeline artifacts; these models are plain runs, so the paths are given)
+    spec = resolve_policy_spec({"factory": "engine", "suite": SUITE, "ckpt": str(draft_file), "log_dir": str(logs),
+                                "tokenizer": None, "main_ckpt": str(logs / "main_head/runs/r1/main_decoder.pt"),
+                                "backbone": None, "device": "cpu",
                                 "acceptance": "strict", "delta": 1, "tau": None, "chunk_len": 8})
     assert spec["ckpt"] == str(draft_file) and spec["tokenizer"] == str(tok_path)
+    # models built outside the pipeline name no hashed training data (and the demo here even starts from
+    # official init state 0): the evaluation is refused unless asked for, and then the verdict says so
+    with pytest.raises(TrainStatesError, match="start scenes cannot be checked"):
+        run_evaluation(SUITE, spec, tmp_path / "eval", tasks=[0], trials=[0], mode="speculative", workers=0,
+                       max_steps=16, progress=False)
     run = run_evaluation(SUITE, spec, tmp_path / "eval", tasks=[0], trials=[0], mode="speculative", workers=0,
-                         max_steps=16, progress=False)
+                         max_steps=16, progress=False, allow_train_states=True)
+    assert run.heldout["status"] != "held_out" and run.heldout["allow_train_states"] is True
+    assert any("rfsq.pt" in u for u in run.heldout["unverifiable"])
     (rec,) = run.records
     assert rec["error"] is None, rec.get("traceback")
     assert rec["steps"] == 16 and rec["num_inferences"] == 2

@@ -80,7 +80,7 @@ def find_main_decoder(log_dir: str | None, identity: Mapping[str, Any]) -> str:
 
 
 def _tokenizer_path(spec: Mapping[str, Any], identity: Mapping[str, Any]) -> str:
-
+    """The tokenizer the draft's training cache names (else the suite's default path)."""
     if spec.get("tokenizer"):
         return str(spec["tokenizer"])
     cache_dir = identity.get("cache_dir")
@@ -105,16 +105,22 @@ def resolve_engine_spec(spec: Mapping[str, Any]) -> dict:
         path, manifest = find_best_draft(log_dir, suite)
         spec["ckpt"] = str(path)
     else:
-        spec["ckpt"] = str(resolve_draft_checkpoint(spec["ckpt"], log_dir))
+        spec["ckpt"] = str(resolve_draft_checkpoint(spec["ckpt"]))
         manifest = read_artifact(Path(spec["ckpt"]).parent)
+    chain: dict[str, Any] = {}
+    trained_for = None
     if manifest is not None and manifest.get("kind") == "draft":
         trained_for = manifest.get("suite")
         chain = draft_files(lineage(Path(spec["ckpt"]).parent))
-    else:
+    if not all(spec.get(k) or chain.get(k) for k in ("main_ckpt", "tokenizer")):
+        # no artifact, or a chain without a main model (ground-truth draft) or tokenizer (a cache built
+        # outside the pipeline): the draft's recorded cache identity names them
         identity = _draft_identity(spec["ckpt"], bool(spec.get("trust_checkpoints")))
-        trained_for = identity.get("suite")
-        chain = {"main_ckpt": find_main_decoder(spec.get("log_dir"), identity) if not spec.get("main_ckpt") else None,
-                 "tokenizer": _tokenizer_path(spec, identity)}
+        trained_for = trained_for or identity.get("suite")
+        if not spec.get("main_ckpt") and not chain.get("main_ckpt"):
+            chain["main_ckpt"] = find_main_decoder(spec.get("log_dir"), identity)
+        if not spec.get("tokenizer") and not chain.get("tokenizer"):
+            chain["tokenizer"] = _tokenizer_path(spec, identity)
     if trained_for and suite and trained_for != suite and not spec.get("allow_other_suite"):
         raise ValueError(f"the draft {spec['ckpt']} was trained on {trained_for}, not {suite} "
                          "(set +policy.allow_other_suite=true to evaluate it anyway)")
@@ -122,7 +128,7 @@ def resolve_engine_spec(spec: Mapping[str, Any]) -> dict:
         if not spec.get(key):
             if not chain.get(key):
                 raise FileNotFoundError(f"the draft {spec['ckpt']} names no {key.replace('_ckpt', ' model')} that "
-                                        f"still exists (its artifact chain is broken); pass policy.{key}=<path>")
+                                        f"still exists; pass policy.{key}=<path>")
             spec[key] = chain[key]
     return spec
 
