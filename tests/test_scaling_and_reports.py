@@ -24,10 +24,11 @@ from rsd.analysis.report import build_report
 from rsd.analysis.report import main as report_cli
 from rsd.eval.merge import MergeError, merge_shards, stable_view
 from rsd.eval.merge import main as merge_cli
-from rsd.eval.runner import EPISODES_FILE, RUN_FILE, EpisodeLog, Job, load_records, record_key
+from rsd.eval.runner import EPISODES_FILE, HELDOUT_FILE, RUN_FILE, EpisodeLog, Job, load_records, record_key
 from rsd.eval.shard import parse_shard, select_shard, shard_dirname
 from rsd.eval.summary import summarize, write_summary
 from rsd.policies.harness import NoopPolicy
+from rsd.policies.lineage import no_training_data
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
@@ -49,6 +50,8 @@ def _write_eval(folder: Path, records: list[dict], policy: dict) -> Path:
     folder.mkdir(parents=True)
     EpisodeLog(folder / EPISODES_FILE).rewrite(records)
     (folder / RUN_FILE).write_text(json.dumps({"suite": SUITE, "max_steps": 220, "policy": policy}))
+    (folder / HELDOUT_FILE).write_text(json.dumps({"status": "no_training_data", "allow_train_states": False,
+                                                   "overlapping_episodes": 0}))
     write_summary(folder, summarize(records, suite=SUITE, extra={"out_dir": str(folder), "policy": policy}))
     return folder
 
@@ -346,6 +349,7 @@ def test_merge_reports_missing_and_duplicates_and_refuses_other_policies(tmp_pat
     assert [record_key(r) for r in load_records(tmp_path / "merged")] == [j.key for j in jobs]  # work-list order
     merged_summary = json.loads((tmp_path / "merged/summary.json").read_text())
     assert merged_summary["modes"]["speculative"]["successes"] == 2 and merged_summary["complete"]
+    assert json.loads((tmp_path / "merged" / HELDOUT_FILE).read_text())["status"] == "no_training_data"  # kept
     assert json.loads((tmp_path / "merged" / RUN_FILE).read_text()) == {"suite": SUITE, "max_steps": 220,
                                                                           "policy": policy}
     # one shard only: the other shard and its episodes are reported missing; --strict fails
@@ -496,6 +500,9 @@ class StatsPolicy(NoopPolicy):
 
 def make_stats_policy(spec: dict) -> StatsPolicy:
     return StatsPolicy(spec)
+
+
+make_stats_policy.training_data = lambda spec: no_training_data("a test harness policy")  # learned nothing
 
 
 EVAL_ARGS = [f"suite={SUITE}", "tasks=[0]", "trials=3", "mode=both", "workers=0", "max_steps=8", "progress=false",

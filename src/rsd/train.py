@@ -40,8 +40,8 @@ def check_train_config(cfg: DictConfig) -> None:
     positive(cfg, "data.val_batch_size")
     positive(cfg, "data.num_workers", low=0)
     lr = (cfg.get("model") or {}).get("lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0):
-        raise ConfigError(f"model.lr={lr!r}: must be a number > 0")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not lr >= 0):
+        raise ConfigError(f"model.lr={lr!r}: must be a number >= 0 (0 keeps the initial weights)")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "auto") and not Path(str(ckpt_path)).expanduser().is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such Lightning checkpoint (a .ckpt file, or "
