@@ -1,9 +1,13 @@
 """Test-wide settings (no W&B network, headless MuJoCo, quiet robosuite) and shared fixtures."""
 
 import os
+import tempfile
 
 import pytest
 
+# Every path of conf/paths under a throw-away root: a test that composes a real experiment (whose pipeline
+# would build demos, a tokenizer and a cache under data/) never reads or writes the user's data/ and logs/.
+os.environ["RSD_ROOT"] = tempfile.mkdtemp(prefix="rsd-tests-")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MUJOCO_GL", "egl")

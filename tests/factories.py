@@ -16,22 +16,6 @@ from rsd.utils.artifacts import artifact_ref, write_artifact
 SUITE = "libero_spatial"
 
 
-def _episode_keys(n_train: int, n_val: int, suite: str = "libero_spatial") -> list[tuple[str, int]]:
-    """Demo keys with a known split (the shared rule decides; pick keys until both sides are filled)."""
-    out, tr, va, i = [], 0, 0, 0
-    while tr < n_train or va < n_val:
-        key = f"{suite}/0/demo_{i}"
-        if is_validation_episode(key):
-            if va < n_val:
-                out.append((key, 1))
-                va += 1
-        elif tr < n_train:
-            out.append((key, 0))
-            tr += 1
-        i += 1
-    return out
-
-
 D = 64  # tiny hidden size for the synthetic caches
 BACKBONE = {"name": "sim_state", "hidden_dim": D}
 TOKENIZER_ID = "rfsq-test0000"

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,54 +22,11 @@ from rsd.eval.rollout import accumulate_stats, binarize_gripper, check_chunk
 from rsd.eval.runner import EPISODES_FILE, load_records, record_key, run_evaluation
 from rsd.eval.summary import format_guide_summary, summarize, task_table_markdown, write_summary
 from rsd.policies import NoopPolicy, build_policy
-from rsd.policies.lineage import no_training_data
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
 
 
-# --------------------------------------------------------------------------------------------------
-# Test policies (built in worker processes from a spec)
-
-
-class FaultyPolicy(NoopPolicy):
-    """A no-op policy that raises, kills its process, or interrupts the evaluation on chosen trials."""
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__(chunk_len=spec.get("chunk_len", 8))
-        self.raise_on = set(spec.get("raise_on") or [])
-        self.exit_on = set(spec.get("exit_on") or [])
-        self.interrupt_on = set(spec.get("interrupt_on") or [])
-        self.flag = spec.get("interrupt_flag")
-        self.wait_for = spec.get("wait_for")
-        self.trial = None
-
-    def reset(self, task, mode, trial=0):
-        self.trial = trial
-
-    def act(self, obs, instruction):
-        if self.trial in self.raise_on:
-            raise RuntimeError(f"policy failure on trial {self.trial}")
-        if self.trial in self.exit_on:
-            os._exit(3)  # a crash that takes the whole worker process down
-        if self.trial in self.interrupt_on and self.flag and not Path(self.flag).exists():
-            Path(self.flag).write_text("interrupted once")
-            log = Path(self.wait_for)
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # let the other worker's episode be recorded first
-                if log.exists() and log.read_text().endswith("\n"):
-                    break
-                time.sleep(0.2)
-            os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C of the evaluation (main process)
-            time.sleep(120)
-        return super().act(obs, instruction)
-
-
-def make_faulty_policy(spec: dict) -> FaultyPolicy:
-    return FaultyPolicy(spec)
-
-
-make_faulty_policy.training_data = lambda spec: no_training_data("a test harness policy")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +124,7 @@ def _keys(records):
 def _evaluate_cmd(out_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, str(PROJECT_ROOT / "evaluate.py"), f"out_dir={out_dir}", f"suite={SUITE}",
             "tasks=[0]", "trials=2", "workers=2", "max_steps=8", "progress=false",
-            "policy.factory=test_evaluation:make_faulty_policy", *overrides]
+            "policy.factory=harness_policies:make_faulty_policy", *overrides]
 
 
 @pytest.mark.sim
@@ -214,7 +169,7 @@ def test_interrupted_evaluation_resumes_without_losing_or_repeating(tmp_path):
 
 @pytest.mark.sim
 def test_failing_episodes_are_recorded_and_the_rest_go_on(tmp_path):
-    spec = {"factory": "test_evaluation:make_faulty_policy", "raise_on": [0], "exit_on": [1]}
+    spec = {"factory": "harness_policies:make_faulty_policy", "raise_on": [0], "exit_on": [1]}
     run = run_evaluation(SUITE, spec, tmp_path, tasks=[0], trials=3, workers=1, max_steps=8, progress=False)
     assert run.total == 3 and run.new == 3
     assert _keys(run.records) == [(SUITE, 0, t, "speculative") for t in range(3)]
@@ -275,29 +230,6 @@ def test_engine_policy_both_modes_on_the_same_init_states(tmp_path):
 # Resume rules: another policy is refused, retry_errors reruns errored episodes, max_episodes
 
 
-class FlakyPolicy(NoopPolicy):
-    """A no-op policy that raises on the trials in ``raise_on`` while the file ``flag`` exists."""
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__(chunk_len=spec.get("chunk_len", 8))
-        self.raise_on = set(spec.get("raise_on") or [])
-        self.flag = Path(spec["flag"])
-        self.trial = None
-
-    def reset(self, task, mode, trial=0):
-        self.trial = trial
-
-    def act(self, obs, instruction):
-        if self.trial in self.raise_on and self.flag.exists():
-            raise RuntimeError(f"flaky failure on trial {self.trial}")
-        return super().act(obs, instruction)
-
-
-def make_flaky_policy(spec: dict) -> FlakyPolicy:
-    return FlakyPolicy(spec)
-
-
-make_flaky_policy.training_data = lambda spec: no_training_data("a test harness policy")
 
 
 def _evaluate_in_process(out_dir: Path, *overrides: str) -> dict:
@@ -331,7 +263,7 @@ def test_evaluate_refuses_to_resume_a_folder_of_another_policy(tmp_path):
 def test_retry_errors_and_max_episodes(tmp_path):
     flag = tmp_path / "failing.flag"
     flag.write_text("x")
-    spec = {"factory": "test_evaluation:make_flaky_policy", "raise_on": [0], "flag": str(flag)}
+    spec = {"factory": "harness_policies:make_flaky_policy", "raise_on": [0], "flag": str(flag)}
     out = tmp_path / "out"
     # max_episodes: only that many new episodes now, the rest on the next resume
     part = run_evaluation(SUITE, spec, out, tasks=[0], trials=3, workers=0, max_steps=8, progress=False,

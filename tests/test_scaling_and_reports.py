@@ -1,9 +1,9 @@
 """Comparing runs and scaling out: compare notebook, guide report, DDP on 2 CPU processes, sharded
 evaluation + merge, determinism of evaluations.
 
-The simulator tests run a tiny evaluation (1 task, 3 trials, both modes, 8 steps) with :class:`StatsPolicy`
-(no-op actions, deterministic engine statistics) in this process and, for the shards, through
-``evaluate.py -m shard=0/2,1/2`` (workers import this module by name: ``PYTHONPATH`` has ``tests/``).
+The simulator tests run a tiny evaluation (1 task, 3 trials, both modes, 8 steps) with
+``harness_policies.StatsPolicy`` (no-op actions, deterministic engine statistics) in this process and, for the
+shards, through ``evaluate.py -m shard=0/2,1/2`` (workers import it by name: ``PYTHONPATH`` has ``tests/``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from rsd.eval.merge import main as merge_cli
 from rsd.eval.runner import EPISODES_FILE, HELDOUT_FILE, RUN_FILE, EpisodeLog, Job, load_records, record_key
 from rsd.eval.shard import parse_shard, select_shard, shard_dirname
 from rsd.eval.summary import summarize, write_summary
-from rsd.policies.harness import NoopPolicy
-from rsd.policies.lineage import no_training_data
 
 TESTS_DIR = Path(__file__).resolve().parent
 SUITE = "libero_spatial"
@@ -480,33 +478,10 @@ def test_ddp_two_cpu_processes_sync_metrics_and_write_one_process_checkpoints(tm
 # Simulator: sharded evaluation == unsharded, and determinism
 
 
-class StatsPolicy(NoopPolicy):
-    """No-op actions with engine statistics that depend only on (task, trial, mode, step)."""
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__(chunk_len=spec.get("chunk_len", 8))
-
-    def reset(self, task, mode, trial=0):
-        self.mode, self.trial = mode, trial
-
-    def act(self, obs, instruction):
-        actions, _ = super().act(obs, instruction)
-        if self.mode == "speculative":
-            acc = min((self.trial + int(obs["timestep"])) % 4, 3)
-            return actions, {"drafted_layers": 3, "accepted_layers": acc, "main_steps": 8 - acc,
-                             "accepted_per_layer": [int(acc > k) for k in range(3)], "drafted_per_layer": [1, 1, 1]}
-        return actions, {"main_steps": 8}
-
-
-def make_stats_policy(spec: dict) -> StatsPolicy:
-    return StatsPolicy(spec)
-
-
-make_stats_policy.training_data = lambda spec: no_training_data("a test harness policy")  # learned nothing
 
 
 EVAL_ARGS = [f"suite={SUITE}", "tasks=[0]", "trials=3", "mode=both", "workers=0", "max_steps=8", "progress=false",
-             "wandb=false", "policy.factory=test_scaling_and_reports:make_stats_policy", "policy.chunk_len=4"]
+             "wandb=false", "policy.factory=harness_policies:make_stats_policy", "policy.chunk_len=4"]
 
 
 def _evaluate_in_process(out_dir: Path) -> dict:

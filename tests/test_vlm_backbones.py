@@ -327,11 +327,11 @@ def test_hf_vlm_end_to_end_cache_train_evaluate(models, tmp_path) -> None:
     import h5py
 
     from rsd.data.cache import build_cache, open_cache
+    from rsd.data.heldout import TrainStatesError
     from rsd.data.libero_hdf5 import Episode, demo_path, write_demo_file
     from rsd.data.record import run_expert_episode
     from rsd.data.splits import is_validation_episode
     from rsd.envs.libero_env import get_init_states, get_task, make_env
-    from rsd.data.heldout import TrainStatesError
     from rsd.eval.runner import run_evaluation
     from rsd.policies import resolve_policy_spec
     from rsd.tokenizer.rfsq import RFSQTokenizer

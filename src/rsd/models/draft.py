@@ -36,6 +36,10 @@ class RFSQDraftModelWithProjection(nn.Module):
                  chunk_len: int = 8, action_hidden_dim: int = 16, grid_size: int = 7,
                  num_heads: int = 8, feedforward_dim: int = 2048, dropout: float = 0.1) -> None:
         super().__init__()
+        # constructor arguments, saved with the weights (a plain attribute: the state_dict is unchanged)
+        self.config = dict(input_dim=input_dim, hidden_dim=hidden_dim, num_coarse_layers=num_coarse_layers,
+                           chunk_len=chunk_len, action_hidden_dim=action_hidden_dim, grid_size=grid_size,
+                           num_heads=num_heads, feedforward_dim=feedforward_dim, dropout=dropout)
         self.input_dim = input_dim
         self.num_coarse_layers = num_coarse_layers
         self.num_positions = chunk_len * action_hidden_dim

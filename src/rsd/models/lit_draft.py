@@ -35,19 +35,16 @@ clipping and bf16 autocast come from the trainer config.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
 from rsd.models.draft import RFSQDraftModelWithProjection
-from rsd.utils.config import net_config
-from rsd.utils.schedules import warmup_cosine
+from rsd.models.lit_tokens import TokenClassifierLitModule, constructor_keys
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +63,17 @@ def distill_kl(probs: torch.Tensor, student_logits: torch.Tensor, temperature: f
 
 
 #: constructor arguments of RFSQDraftModelWithProjection (what a checkpoint's config["model"] holds)
-MODEL_KEYS = ("input_dim", "hidden_dim", "num_coarse_layers", "chunk_len", "action_hidden_dim", "grid_size",
-              "num_heads", "feedforward_dim", "dropout")
+MODEL_KEYS = constructor_keys(RFSQDraftModelWithProjection)
 
 
-class DraftLitModule(L.LightningModule):
-    """Trains :class:`RFSQDraftModelWithProjection` (``net`` = its constructor arguments) on coarse layers."""
+class DraftLitModule(TokenClassifierLitModule):
+    """Trains :class:`RFSQDraftModelWithProjection` (``net``: the module or its constructor arguments) on the
+    coarse layers."""
 
-    def __init__(self, net: dict | None = None, lr: float = 3e-4,
+    network_class = RFSQDraftModelWithProjection
+    checkpoint_config_key = "draft_model_config"
+
+    def __init__(self, net: nn.Module | dict | None = None, lr: float = 3e-4,
                  weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int | None = None, warmup_fraction: float = 0.03, min_lr_ratio: float = 0.02,
                  label_smoothing: float = 0.0, layer_weights: list[float] | None = None,
@@ -85,17 +85,11 @@ class DraftLitModule(L.LightningModule):
         # plain python (Hydra passes ListConfig), so checkpoints load with torch.load(weights_only=True)
         betas = tuple(float(b) for b in betas)
         layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
-        net = net_config(net)
-        unknown = sorted(set(net) - set(MODEL_KEYS))
-        if unknown:
-            raise ValueError(f"model.net has unknown draft arguments {unknown}; known: {list(MODEL_KEYS)}")
-        self.save_hyperparameters({"net": net, "lr": lr, "weight_decay": weight_decay, "betas": betas,
-                                   "warmup_steps": warmup_steps, "warmup_fraction": warmup_fraction,
-                                   "min_lr_ratio": min_lr_ratio, "label_smoothing": label_smoothing,
-                                   "layer_weights": layer_weights,
-                                   "distill_temperature": float(distill_temperature),
-                                   "distill_weight": float(distill_weight)})
-        self.model = RFSQDraftModelWithProjection(**net)
+        self.model = self._build_net(net, lr=lr, weight_decay=weight_decay, betas=betas,
+                                     warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
+                                     min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing,
+                                     layer_weights=layer_weights, distill_temperature=float(distill_temperature),
+                                     distill_weight=float(distill_weight))
         self.num_coarse_layers = num_coarse_layers = self.model.num_coarse_layers
         weights = torch.ones(num_coarse_layers) if layer_weights is None else torch.as_tensor(
             list(layer_weights), dtype=torch.float32)
@@ -111,22 +105,16 @@ class DraftLitModule(L.LightningModule):
         self.kl_metrics = nn.ModuleDict({stage: MeanMetric() for stage in ("fit", "val", "test")})
 
     # ------------------------------------------------------------------ model
+    @property
+    def network(self) -> nn.Module:
+        return self.model
+
     def model_config(self) -> dict[str, Any]:
         """Constructor arguments of the draft model (stored in exported checkpoints)."""
-        defaults = {k: p.default for k, p in inspect.signature(RFSQDraftModelWithProjection.__init__).parameters.items()
-                    if k in MODEL_KEYS}
-        return {**defaults, **self.hparams.net}
+        return self.network_config()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model(hidden)
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dim = getattr(dm, "hidden_dim", None) if dm is not None else None
-        if dim is not None and int(dim) != self.model.input_dim:
-            raise ValueError(f"the feature cache has hidden states of size {dim} but the draft model expects "
-                             f"input_dim={self.model.input_dim}; set model.net.input_dim={dim} (or use the "
-                             "matching backbone)")
 
     # ------------------------------------------------------------------ steps
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -171,33 +159,10 @@ class DraftLitModule(L.LightningModule):
                      prog_bar=name == "accuracy" and stage == "val")
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    # ------------------------------------------------------------------ checkpoints carry the data identity
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "cache_identity"):
-            try:
-                checkpoint["cache_manifest"] = dm.cache_identity()
-            except Exception as err:  # noqa: BLE001 - the checkpoint itself must still be written
-                log.warning("could not record the cache identity in the checkpoint: %s", err)
-        checkpoint["draft_model_config"] = self.model_config()
-
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
+    def warmup_steps(self, total_steps: int) -> int:
+        """``warmup_steps`` when set, else ``warmup_fraction`` of the run. One parameter group (the base's
+        default), so ``optimizer_state_dict`` loads into a plain ``AdamW(model.parameters())``."""
         hp = self.hparams
-        # One parameter group, so optimizer_state_dict loads into a plain AdamW(model.parameters()).
-        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                betas=tuple(hp.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_fraction * total)
-        warmup = max(min(int(warmup), total - 1), 0)
-        sched = warmup_cosine(opt, total, warmup, hp.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_fraction * total_steps)
+        return max(min(int(warmup), total_steps - 1), 0)

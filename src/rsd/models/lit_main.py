@@ -20,46 +20,39 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rsd.models.layer_metrics import LayerTokenMetrics
+from rsd.models.lit_tokens import TokenClassifierLitModule
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
-from rsd.utils.config import net_config
 from rsd.utils.export import BestCheckpointExport
-from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
 
-class MainDecoderLitModule(L.LightningModule):
-    """Trains :class:`RFSQMainDecoder` (``net`` = its constructor arguments) with AdamW + warm-up + cosine."""
+class MainDecoderLitModule(TokenClassifierLitModule):
+    """Trains :class:`RFSQMainDecoder` (``net``: the module or its constructor arguments) with AdamW + warm-up +
+    cosine."""
 
-    def __init__(self, net: dict | None = None, lr: float = 3e-4, weight_decay: float = 0.05,
+    network_class = RFSQMainDecoder
+    checkpoint_config_key = "main_decoder_config"
+
+    def __init__(self, net: nn.Module | dict | None = None, lr: float = 3e-4, weight_decay: float = 0.05,
                  warmup_steps: int = 500, min_lr_ratio: float = 0.05, label_smoothing: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95)) -> None:
         super().__init__()
-        decoder = net_config(net)
-        self.save_hyperparameters({"net": decoder, "lr": lr, "weight_decay": weight_decay,
-                                   "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
-                                   "label_smoothing": label_smoothing, "betas": tuple(betas)})
-        self.decoder = RFSQMainDecoder(**decoder)
+        self.decoder = self._build_net(net, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                       min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing,
+                                       betas=tuple(float(b) for b in betas))
         n = self.decoder.num_layers
         self.num_layers = n
         self._checked_range = False
         self.layer_metrics = LayerTokenMetrics(n)
 
-    # ------------------------------------------------------------------ data checks
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dim = None
-        if dm is not None and hasattr(dm, "hidden_dim"):
-            try:
-                dim = int(dm.hidden_dim)
-            except Exception as exc:  # noqa: BLE001 - the datamodule reports its own problem later
-                log.debug("could not read the datamodule's hidden_dim: %s", exc)
-        if dim is not None and dim != self.decoder.input_dim:
-            raise ValueError(f"the feature cache has hidden states of size {dim} but the main decoder was built "
-                             f"for input_dim={self.decoder.input_dim}: set model.net.input_dim={dim}")
+    @property
+    def network(self) -> nn.Module:
+        return self.decoder
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, dict) or "hidden" not in batch or "tokens" not in batch:
@@ -87,15 +80,6 @@ class MainDecoderLitModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
     def on_train_epoch_end(self) -> None:
         self.layer_metrics.log_epoch(self, "train")
 
@@ -109,20 +93,20 @@ class MainDecoderLitModule(L.LightningModule):
         self.layer_metrics.log_epoch(self, "test")
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict:
+    def parameter_groups(self) -> list[dict]:
+        """Weight decay on matrices only (not on norms, biases or embeddings)."""
         decay, no_decay = [], []
         for name, p in self.decoder.named_parameters():
             if not p.requires_grad:
                 continue
             is_matrix = p.ndim >= 2 and "embedding" not in name
             (decay if is_matrix else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = max(min(int(self.hparams.warmup_steps), total // 10), 1)  # at most 10 % of the run
-        sched = warmup_cosine(opt, total, warmup, self.hparams.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """``warmup_steps``, at most 10 % of the run (and at least one step)."""
+        return max(min(int(self.hparams.warmup_steps), total_steps // 10), 1)
 
 
 class ExportMainDecoder(BestCheckpointExport):
