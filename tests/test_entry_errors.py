@@ -43,6 +43,7 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     (["policy.depth=0"], ["policy.depth=0", "1..8"]),
     (["ckpt=best", "policy.depth=0"], ["policy.depth=0"]),
     (["workers=-3"], ["workers=-3", ">= 0"]),
+    (["workers=many"], ["workers='many'", "or auto"]),
     (["policy.epsilon=0"], ["policy.epsilon=0"]),
     (["policy.acceptance=loose"], ["policy.acceptance='loose'", "strict|relaxed|epsilon"]),
     (["policy=expert", "+policy.depth=4"], ["policy=expert does not honour policy.depth=4"]),
@@ -86,3 +87,12 @@ def test_train_bad_value_is_one_line(args, needles, tmp_path):
 ])
 def test_prepare_bad_value_is_one_line(args, needles, tmp_path):
     _one_line(_run([*PREPARE, *args], tmp_path), *needles)
+
+
+def test_workers_auto_is_one_per_core_on_the_cpu_and_one_on_a_gpu():
+    from rsd.evaluate import resolve_workers
+
+    assert resolve_workers("auto", "cpu", cpu_count=2) == 2
+    assert resolve_workers("auto", "cpu", cpu_count=64) == 8  # capped: each worker holds its own models
+    assert resolve_workers("auto", "cuda:0", cpu_count=16) == 1  # one copy of the models on the GPU
+    assert resolve_workers(3, "cuda", cpu_count=16) == 3 and resolve_workers(0, "cpu") == 0

@@ -135,12 +135,12 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"mode={mode!r}: must be one of {'|'.join((*EVAL_MODES, 'both'))}")
     for key, low in (("workers", 0), ("threads_per_worker", 1), ("max_steps", 1), ("max_episodes", 0)):
         value = cfg.get(key)
-        if key != "workers" and value is None:
+        if (key != "workers" and value is None) or (key == "workers" and value == "auto"):
             continue
         if not _is_int(value) or value < low:
             raise ConfigError(f"{key}={value!r}: must be an integer >= {low}"
                               + ("" if key == "workers" else " or null")
-                              + (" (0 = run in this process)" if key == "workers" else ""))
+                              + (" (0 = run in this process) or auto" if key == "workers" else ""))
     video = _container(cfg.get("video"))
     if not (video is None or video == "all" or (_is_int(video) and video >= 0) or _int_list(video)):
         raise ConfigError(f"video={video!r}: must be null, N (first N trials of every task), a list of trials or all")
@@ -162,6 +162,21 @@ def check_eval_config(cfg: DictConfig) -> None:
     check_policy_spec(_container(cfg.policy))
 
 
+def resolve_workers(workers: int | str, device: str, cpu_count: int | None = None) -> int:
+    """``workers=auto``: one simulator process per CPU core (at most 8) when the models run on the CPU, where
+    MuJoCo is single-threaded and the cores are the limit; one process on a GPU, which then holds one copy of
+    the models. An integer is taken as it is."""
+    if workers != "auto":
+        return int(workers)
+    if device == "auto":
+        import torch  # lazy: the entry point's config checks run before torch is imported
+
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = device != "cpu"  # cuda, cuda:<i>, mps
+    return 1 if on_gpu else max(1, min(cpu_count or os.cpu_count() or 1, 8))
+
+
 def evaluate(cfg: DictConfig) -> dict:
     """Check ``cfg``, then run (or resume) its evaluation; returns the summary dict."""
     check_eval_config(cfg)
@@ -175,7 +190,8 @@ def evaluate(cfg: DictConfig) -> dict:
     log.info("Evaluating %s (%s) -> %s", cfg.suite, spec.get("factory"), out_dir)
     run = run_evaluation(
         suite=cfg.suite, policy_spec=spec, out_dir=out_dir, tasks=_container(cfg.tasks),
-        trials=_container(cfg.trials), mode=cfg.mode, workers=int(cfg.workers), max_steps=cfg.max_steps,
+        trials=_container(cfg.trials), mode=cfg.mode, workers=resolve_workers(cfg.workers, str(cfg.device)),
+        max_steps=cfg.max_steps,
         video=_container(cfg.video), retry_errors=bool(cfg.retry_errors), max_episodes=cfg.max_episodes,
         progress=bool(cfg.progress), threads_per_worker=cfg.threads_per_worker,
         resume_check=bool(cfg.resume_check), shard=cfg.get("shard"),
