@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsd.models.layer_metrics import LayerTokenMetrics
-from rsd.models.lit_tokens import TokenClassifierLitModule
+from rsd.models.lit_tokens import TokenClassifierLitModule, weight_decay_groups
 from rsd.models.main_decoder import RFSQMainDecoder, save_main_decoder
 from rsd.utils.export import BestCheckpointExport
 
@@ -80,33 +80,9 @@ class MainDecoderLitModule(TokenClassifierLitModule):
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=b, sync_dist=True)
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        self.layer_metrics.log_epoch(self, "train")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.layer_metrics.log_epoch(self, "val")
-        else:
-            self.layer_metrics.reset("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.layer_metrics.log_epoch(self, "test")
-
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self) -> list[dict]:
-        """Weight decay on matrices only (not on norms, biases or embeddings)."""
-        decay, no_decay = [], []
-        for name, p in self.decoder.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_matrix = p.ndim >= 2 and "embedding" not in name
-            (decay if is_matrix else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
-
-    def warmup_steps(self, total_steps: int) -> int:
-        """``warmup_steps``, at most 10 % of the run (and at least one step)."""
-        return max(min(int(self.hparams.warmup_steps), total_steps // 10), 1)
+        return weight_decay_groups(self.decoder.named_parameters(), self.hparams.weight_decay)
 
 
 class ExportMainDecoder(BestCheckpointExport):

@@ -1,9 +1,11 @@
-"""``TokenClassifierLitModule``: the shared base of the LightningModules that learn RFSQ tokens from cached
-hidden states (the draft, :mod:`rsd.models.lit_draft`, and the main decoder, :mod:`rsd.models.lit_main`).
+"""``TokenClassifierLitModule``: the shared base of the LightningModules that learn RFSQ tokens (the draft,
+:mod:`rsd.models.lit_draft`, the main decoder, :mod:`rsd.models.lit_main`, and the VLA-LLM main model,
+:mod:`rsd.models.lit_vla_llm`).
 
-Why one base: both train an ``nn.Module`` on the same feature-cache batches, with the same input-width check,
-the same step dispatch, AdamW with linear warm-up and cosine decay, and the same data identity in their
-checkpoints; only the loss, the metrics, the parameter groups and the warm-up rule differ.
+Why one base: they train an ``nn.Module`` on the same feature-cache batches, with the same input-width check,
+the same step dispatch, AdamW with linear warm-up and cosine decay, the same per-layer epoch metrics and the
+same data identity in their checkpoints; only the loss, the metrics, the parameter groups and the warm-up rule
+differ.
 
 ``net`` is the network as Hydra composes it: the instantiated ``nn.Module`` (``net: {_target_: ...}`` in the
 model config, as lightning-hydra-template injects it) or a mapping of its constructor arguments (tests, old
@@ -22,6 +24,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from rsd.models.layer_metrics import LayerTokenMetrics
 from rsd.utils.config import net_config
 from rsd.utils.schedules import warmup_cosine
 
@@ -59,6 +62,16 @@ def build_network(cls: type[nn.Module], net: nn.Module | Mapping[str, Any] | Non
                          f"{list(constructor_keys(cls))}")
     module = cls(**args)
     return module, dict(getattr(module, "config", None) or {**constructor_defaults(cls), **args})
+
+
+def weight_decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups with weight decay on matrices only (not on norms, biases or embeddings); frozen
+    parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class TokenClassifierLitModule(L.LightningModule):
@@ -112,6 +125,28 @@ class TokenClassifierLitModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def _layer_metrics(self) -> LayerTokenMetrics | None:
+        """The per-layer token metrics a subclass registered as ``self.layer_metrics``, logged at each epoch's
+        end (None: the subclass logs its own metrics with ``self.log``)."""
+        metrics = self._modules.get("layer_metrics")
+        return metrics if isinstance(metrics, LayerTokenMetrics) else None
+
+    def on_train_epoch_end(self) -> None:
+        if (metrics := self._layer_metrics()) is not None:
+            metrics.log_epoch(self, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        if (metrics := self._layer_metrics()) is None:
+            return
+        if self.trainer.sanity_checking:  # the sanity batches are not an epoch's result
+            metrics.reset("val")
+        else:
+            metrics.log_epoch(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        if (metrics := self._layer_metrics()) is not None:
+            metrics.log_epoch(self, "test")
+
     # ------------------------------------------------------------------ checkpoints carry the data identity
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -128,8 +163,9 @@ class TokenClassifierLitModule(L.LightningModule):
         return self.network.parameters()
 
     def warmup_steps(self, total_steps: int) -> int:
-        """Warm-up length for a run of ``total_steps`` optimizer steps."""
-        return max(min(int(self.hparams.warmup_steps), total_steps - 1), 0)
+        """Warm-up length for a run of ``total_steps`` optimizer steps: ``warmup_steps``, at most 10 % of the
+        run (and at least one step), so a short run still spends most of its steps at a useful rate."""
+        return max(min(int(self.hparams.warmup_steps), total_steps // 10), 1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -25,13 +25,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from rsd.models.backbones import backbone_from_config
 from rsd.models.layer_metrics import LayerTokenMetrics
+from rsd.models.lit_tokens import TokenClassifierLitModule, weight_decay_groups
 from rsd.models.vla_llm_main import VLALLMMain, VLAPromptBackbone, save_vla_llm_main
 from rsd.utils.config import net_config
 from rsd.utils.export import BestCheckpointExport, best_checkpoint
-from rsd.utils.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,13 @@ def _plain(cfg: Any) -> dict:
 
 
 # ---------------------------------------------------------------------- the LightningModule
-class VLALLMLitModule(L.LightningModule):
+class VLALLMLitModule(TokenClassifierLitModule):
     """Trains :class:`VLALLMMain` on a ``backbone`` (its config dict: ``hf_vlm`` / ``openvla``) with AdamW +
-    warm-up + cosine. ``main``: :class:`VLALLMMain` options (``train_llm``; layout sizes)."""
+    warm-up + cosine. ``main``: :class:`VLALLMMain` options (``train_llm``; layout sizes). Its network needs the
+    backbone's language model, so it is built here rather than injected."""
+
+    network_class = VLALLMMain
+    checkpoint_config_key = "vla_llm_main_config"
 
     def __init__(self, backbone: Mapping[str, Any] | None = None, net: Mapping[str, Any] | None = None,
                  lr: float = 3e-4, weight_decay: float = 0.05, warmup_steps: int = 100, min_lr_ratio: float = 0.05,
@@ -88,46 +93,19 @@ class VLALLMLitModule(L.LightningModule):
                  batch_size=tokens.shape[0])
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def on_train_epoch_end(self) -> None:
-        self.layer_metrics.log_epoch(self, "train")
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self.layer_metrics.reset("val")
-            return
-        self.layer_metrics.log_epoch(self, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self.layer_metrics.log_epoch(self, "test")
+    @property
+    def network(self) -> nn.Module:
+        return self.main
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only trainable weights and metric states (a frozen 7B LLM is not copied into every .ckpt)."""
+        super().on_save_checkpoint(checkpoint)
         keep = {f"main.{k}" for k in (self.main.state_dict() if self.main.train_llm else self.main.new_parameters())}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in keep or not k.startswith("main.")}
 
-    def configure_optimizers(self) -> dict:
-        decay, no_decay = [], []
-        for name, p in self.main.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.hparams.lr, betas=tuple(self.hparams.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = max(min(int(self.hparams.warmup_steps), total // 10), 1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup_cosine(opt, total, warmup,
-                                                                              self.hparams.min_lr_ratio),
-                                                   "interval": "step"}}
+    def parameter_groups(self) -> list[dict]:
+        return weight_decay_groups(self.main.named_parameters(), self.hparams.weight_decay)
 
 
 class ExportVLALLMMain(BestCheckpointExport):
