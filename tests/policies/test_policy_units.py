@@ -95,6 +95,13 @@ def test_option_dependencies_are_checked():
         check_policy_spec({**spec, "acceptance": "epsilon"})
     with pytest.raises(ConfigError, match="adaptive=true needs policy.acceptance=strict"):
         check_policy_spec({**spec, "acceptance": "relaxed", "adaptive": True})
+    # the default, adaptive=auto: on for strict (lossless either way), off for the other rules, never an error
+    from rsd.policies.engine_policy import engine_options
+
+    assert spec["adaptive"] == "auto" and engine_options(spec)["adaptive"] is True
+    check_policy_spec({**spec, "acceptance": "relaxed", "delta": 1})
+    assert engine_options({**spec, "acceptance": "relaxed", "delta": 1})["adaptive"] is False
+    assert engine_options({**spec, "adaptive": False})["adaptive"] is False
     with pytest.raises(ConfigError, match="early_exit=bound needs policy.exit_epsilon"):
         check_policy_spec({**spec, "early_exit": "bound"})
     check_policy_spec({**spec, "early_exit": "bound", "exit_epsilon": 0.05})

@@ -290,9 +290,19 @@ def engine_options(spec: Mapping[str, Any]) -> dict[str, Any]:
     ones (:data:`DECODING_KEYS`) as ``decoding``, which goes to both engines unchanged (null: the engine's
     default). ``delta`` / ``tau`` / ``epsilon`` pass as given (a null ``delta`` means "no level rule")."""
     out: dict[str, Any] = {k: spec[k] for k in ("acceptance", "delta", "tau", "epsilon") if k in spec}
-    out.update(accelerate=spec.get("accelerate") or "eager", adaptive=bool(spec.get("adaptive")),
+    out.update(accelerate=spec.get("accelerate") or "eager", adaptive=adaptive_setting(spec),
                decoding=decoding_options(spec))
     return out
+
+
+def adaptive_setting(spec: Mapping[str, Any]) -> bool:
+    """``adaptive``: true / false, or ``auto`` (the default): on for strict acceptance, the only rule whose
+    outputs do not depend on the path taken, so the speculative default never costs much more than the
+    baseline where the draft is rarely accepted (``docs/results.md``), and off for the other rules."""
+    value = spec.get("adaptive")
+    if value == "auto":
+        return (spec.get("acceptance") or "strict") == "strict"
+    return bool(value)
 
 
 def decoding_options(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -154,9 +154,11 @@ def check_engine_options(spec: Mapping[str, Any]) -> None:
     accelerate = spec.get("accelerate")
     if accelerate is not None and accelerate not in ACCELERATE_MODES:
         raise ConfigError(f"policy.accelerate={accelerate!r}: must be one of {'|'.join(ACCELERATE_MODES)}")
-    _bool(spec, "adaptive")
-    if spec.get("adaptive") and acceptance != "strict":
-        raise ConfigError(f"policy.adaptive=true needs policy.acceptance=strict, got {acceptance!r}")
+    if spec.get("adaptive") != "auto":
+        _bool(spec, "adaptive")
+    if spec.get("adaptive") is True and acceptance != "strict":
+        raise ConfigError(f"policy.adaptive=true needs policy.acceptance=strict, got {acceptance!r} "
+                          "(policy.adaptive=auto: on for strict only)")
     _int(spec, "chunk_len", 1)
     _bool(spec, "trust_checkpoints")
 
