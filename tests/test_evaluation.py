@@ -195,6 +195,46 @@ def test_expert_policy_success_is_counted(tmp_path):
     assert rec["error"] is None, rec["traceback"]
     assert rec["success"] is True and 50 < rec["steps"] < 220
     assert rec["num_inferences"] == rec["steps"]  # chunk_len 1: closed loop
+    m = rec["markers"]  # the bowl was lifted and put down on the plate; the gripper closed on it
+    assert m["object"] == "akita_black_bowl_1" and m["target"] == "plate_1"
+    assert m["lift_max_cm"] > 3 and m["end_dist_cm"] < 5 and m["gripper_closes"] >= 1
+
+
+@pytest.mark.sim
+def test_generated_scenes_are_a_selection_set_apart_from_the_official_states(tmp_path, monkeypatch):
+    """init_source=generated: scene i of task t is drawn by env.seed(scene_seed + 1000 t + i) in a fresh env,
+    stored in init_states.npz (workers and resumes read it), none is an official state; the records carry
+    goal markers, which the failure table reads."""
+    from rsd.analysis.failures import failure_table
+    from rsd.data.heldout import SAME_SCENE_TOL, nearest_scene
+    from rsd.envs.libero_env import generate_scenes, get_init_states, get_task
+    from rsd.eval.runner import SCENES_FILE
+
+    kw = dict(tasks=[1], trials=2, max_steps=4, progress=False, init_source="generated", scene_seed=900_000,
+              scenes_dir=tmp_path / "shared")
+    run = run_evaluation(SUITE, {"factory": "noop"}, tmp_path, workers=1, **kw)
+    assert [r["error"] for r in run.records] == [None, None]
+    with np.load(tmp_path / SCENES_FILE) as f:
+        scenes = f["task_1"]
+    assert scenes.shape[0] == 2 and not np.allclose(scenes[0], scenes[1])
+    assert np.array_equal(scenes, generate_scenes(get_task(SUITE, 1), 2, 900_000))  # the same seeds, same scenes
+    official = get_init_states(SUITE, 1)
+    assert all(nearest_scene(sc, official)[1] > SAME_SCENE_TOL for sc in scenes)
+    table = failure_table(run.records)
+    assert table["total"] == {"episodes": 2, "never closed": 2}  # the no-op policy never closes the gripper
+    import rsd.eval.runner as runner
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("scenes drawn again")
+
+    monkeypatch.setattr(runner, "generate_scenes", no_drawing)  # a second evaluation copies the shared scenes
+    again = run_evaluation(SUITE, {"factory": "noop"}, tmp_path / "again", workers=0, **{**kw, "trials": 1})
+    with np.load(tmp_path / "again" / SCENES_FILE) as f:
+        assert np.array_equal(f["task_1"], scenes[:1]) and len(again.records) == 1
+    with pytest.raises(ValueError, match="different evaluation"):  # other scenes are another evaluation
+        run_evaluation(SUITE, {"factory": "noop"}, tmp_path, workers=0, **{**kw, "scene_seed": 800_000})
+    with pytest.raises(ValueError, match="init_source"):
+        run_evaluation(SUITE, {"factory": "noop"}, tmp_path / "x", workers=0, **{**kw, "init_source": "random"})
 
 
 @pytest.mark.sim

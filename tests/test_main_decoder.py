@@ -181,6 +181,43 @@ def test_lit_module_fit_metrics_and_export(tmp_path: Path):
     assert load_main_decoder(ckpt.best_model_path).config == loaded.config
 
 
+def test_trained_layers_trains_only_the_first_layers_and_the_engine_keeps_to_them(tmp_path: Path):
+    """net.trained_layers=2: the loss and metrics cover layers 0-1 only (2 depth positions per sample), the
+    export records it, the engine refuses a depth above it and greedy tokens leave the other layers at the
+    centre level."""
+    import numpy as np
+
+    from rsd.engine.rsd_engine import RSDInferenceEngine, greedy_tokens
+
+    with pytest.raises(ValueError, match="trained_layers"):
+        RFSQMainDecoder(**TINY, trained_layers=9)
+    lit = MainDecoderLitModule(net={**TINY, "trained_layers": 2}, lr=3e-3, warmup_steps=5)
+    export = ExportMainDecoder(output_dir=str(tmp_path))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=[export],
+                        default_root_dir=tmp_path)
+    untouched = lit.decoder.head_weight[2:].detach().clone()
+    trainer.fit(lit, datamodule=TinyCacheDataModule())
+    m = trainer.callback_metrics
+    assert "val/acc_L1" in m and "val/acc_L2" not in m
+    assert float(m["val/accuracy"]) == pytest.approx(float((m["val/acc_L0"] + m["val/acc_L1"]) / 2), abs=1e-6)
+    # the heads of layers 2..7 got no gradient (weight decay still shrinks them: AdamW decays every parameter
+    # of its group, 2 epochs at lr 3e-3 and 0.05 keep them within 1 %)
+    assert torch.allclose(lit.decoder.head_weight[2:].detach(), untouched, rtol=1e-2, atol=0)
+    loaded = load_main_decoder(tmp_path / "main_decoder.pt")
+    assert loaded.trained_layers == 2 and loaded.config["trained_layers"] == 2
+    with pytest.raises(ValueError, match="trained for layers 0..1"):
+        RSDInferenceEngine(loaded, mode="baseline")  # depth null = all 8
+    with pytest.raises(ValueError, match="use depth <= 2"):
+        RSDInferenceEngine(loaded, mode="baseline", depth=3)
+    RSDInferenceEngine(loaded, mode="baseline", depth=2)
+    h, _ = _data(b=5)
+    tokens = greedy_tokens(loaded, h.numpy(), batch_size=2)
+    assert tokens.shape == (5, 8, 128) and np.all(tokens[:, 2:] == 3)  # centre level of 7
+    assert not np.all(tokens[:, :2] == 3)
+    assert _model().trained_layers == 8  # the default: all layers (files without the key load as before)
+
+
 def test_lit_module_rejects_wrong_hidden_dim():
     lit = MainDecoderLitModule(net=TINY)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,

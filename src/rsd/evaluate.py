@@ -27,7 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rsd.envs.libero_env import MAX_STEPS
+from rsd.envs.libero_env import INIT_SOURCES, MAX_STEPS
 from rsd.eval.shard import parse_shard, shard_dirname
 from rsd.policies.base import EVAL_MODES
 from rsd.policies.registry import check_policy_spec
@@ -122,14 +122,21 @@ def check_eval_config(cfg: DictConfig) -> None:
         bad = [t for t in tasks if n_tasks is not None and not 0 <= t < n_tasks]
         if bad:
             raise ConfigError(f"tasks={tasks}: {suite} has tasks 0..{n_tasks - 1}; {bad} is out of range")
+    init_source = cfg.get("init_source", "official")
+    if init_source not in INIT_SOURCES:
+        raise ConfigError(f"init_source={init_source!r}: must be official (the protocol's init states) or generated "
+                          "(new scenes drawn with scene_seed: a selection set)")
+    if not _is_int(cfg.get("scene_seed", 900_000)) or cfg.get("scene_seed", 900_000) < 0:
+        raise ConfigError(f"scene_seed={cfg.get('scene_seed')!r}: must be an integer >= 0")
+    n_states = INIT_STATES if init_source == "official" else 1000
     trials = _container(cfg.get("trials"))
     if _is_int(trials):
-        if not 1 <= trials <= INIT_STATES:
-            raise ConfigError(f"trials={trials}: must be 1..{INIT_STATES} (trial i starts from init state i) or a "
-                              f"list of trial indices 0..{INIT_STATES - 1}")
-    elif not _int_list(trials) or not trials or any(not 0 <= t < INIT_STATES for t in trials):
-        raise ConfigError(f"trials={trials!r}: must be 1..{INIT_STATES} or a non-empty list of trial indices "
-                          f"0..{INIT_STATES - 1}, e.g. trials=[0,5]")
+        if not 1 <= trials <= n_states:
+            raise ConfigError(f"trials={trials}: must be 1..{n_states} (trial i starts from init state i) or a "
+                              f"list of trial indices 0..{n_states - 1}")
+    elif not _int_list(trials) or not trials or any(not 0 <= t < n_states for t in trials):
+        raise ConfigError(f"trials={trials!r}: must be 1..{n_states} or a non-empty list of trial indices "
+                          f"0..{n_states - 1}, e.g. trials=[0,5]")
     mode = cfg.get("mode")
     if mode not in (*EVAL_MODES, "both"):
         raise ConfigError(f"mode={mode!r}: must be one of {'|'.join((*EVAL_MODES, 'both'))}")
@@ -196,13 +203,17 @@ def evaluate(cfg: DictConfig) -> dict:
         progress=bool(cfg.progress), threads_per_worker=cfg.threads_per_worker,
         resume_check=bool(cfg.resume_check), shard=cfg.get("shard"),
         allow_train_states=bool(cfg.get("allow_train_states", False)),
+        init_source=str(cfg.get("init_source", "official")), scene_seed=int(cfg.get("scene_seed", 900_000)),
+        scenes_dir=cfg.paths.get("eval_scenes_dir"),
     )
     log.info(run.heldout["line"])
     summary = summarize(run.records, suite=cfg.suite, extra={
         "out_dir": str(out_dir), "policy": spec, "complete": len(run.records) == run.total,
         "work_list_episodes": run.total, "new_episodes": run.new, "resumed_episodes": run.skipped,
         "max_steps": run.max_steps, "heldout": run.heldout, "artifacts": policy_artifacts(spec),
-        "code": code_version(), "machine": machine_info(), **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
+        "code": code_version(), "machine": machine_info(),
+        "init_source": str(cfg.get("init_source", "official")),
+        **({"scene_seed": int(cfg.scene_seed)} if cfg.get("init_source") == "generated" else {}), **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
     })
     write_summary(out_dir, summary)
     print_summary(summary)

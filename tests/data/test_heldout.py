@@ -131,6 +131,22 @@ def test_check_held_out_refuses_and_marks(tmp_path: Path, official) -> None:
     assert ok["status"] == "held_out" and ok["training_data"][0]["path"] == str(cache)
 
 
+def test_generated_evaluation_scenes_are_checked_against_training_scenes(tmp_path: Path, official) -> None:
+    """A selection set of generated scenes: trial i is checked by its own scene, not by official state i (a
+    recorded official index says nothing about it)."""
+    moved = official[3].copy()
+    moved[1:] += 0.01
+    cache = cache_with_scenes(tmp_path / "c", [moved, official[7]], [0, 0], [None, 7])
+    scenes = {0: np.stack([official[2] + 0.02, moved + 1e-9, official[7] + 0.03])}
+    found, unknown = overlaps(SUITE, [(0, i) for i in range(3)], [artifact_ref(cache)], scenes)
+    assert unknown == [] and [f["trial"] for f in found] == [1]
+    assert "evaluation scene 1" in found[0]["reason"]
+    training = training_data_of({"draft": str(model_folder(tmp_path / "draft", cache=cache))})
+    with pytest.raises(TrainStatesError, match="1 of 3"):
+        check_held_out(SUITE, [0], [0, 1, 2], training, scenes=scenes)
+    assert check_held_out(SUITE, [0], [0, 2], training, scenes=scenes)["status"] == "held_out"
+
+
 def test_untraceable_model_is_refused(tmp_path: Path, official) -> None:
     """Hole: a model with no recorded training data gave ``no_training_data`` and the evaluation went on."""
     legacy = tmp_path / "old_run" / "best_draft_with_projection.pt"
@@ -231,8 +247,8 @@ def test_summary_first_line_says_not_held_out() -> None:
 def test_generated_demos_record_their_scene_and_avoid_official_states(tmp_path: Path, official) -> None:
     """One generated-scene demo in the real simulator: seed and scene recorded, the scene reproducible from
     the seed, not one of the official init states; an official-state file says it is not held out."""
-    from rsd.data.collect import _existing_stats, collect_suite, scene_seed_for
-    from rsd.envs.libero_env import get_task, make_env
+    from rsd.data.collect import _existing_stats, collect_suite
+    from rsd.envs.libero_env import get_task, make_env, scene_seed_for
 
     out = tmp_path / "demos"
     summary = collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, progress=False)

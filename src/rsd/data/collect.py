@@ -46,7 +46,7 @@ from rsd.data.libero_hdf5 import (
 )
 from rsd.data.record import run_expert_episode
 from rsd.envs.expert import SUPPORTED_SUITES
-from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks
+from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks, scene_seed_for
 from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
 from rsd.utils.progress import progress_bar
 
@@ -81,11 +81,6 @@ INIT_SOURCES = ("generated", "official")
 #: Attempts per task when ``max_attempts`` is null and scenes are generated: failures and rejections
 #: are rare (the expert solves ~99 %), so twice the demos is plenty.
 GENERATED_ATTEMPT_FACTOR = 2
-
-
-def scene_seed_for(seed_base: int, task_id: int, attempt: int) -> int:
-    """The NumPy seed of attempt ``attempt`` of ``task_id`` (disjoint across tasks up to 1000 attempts)."""
-    return int(seed_base) + 1000 * int(task_id) + int(attempt)
 
 
 def _get_env(suite: str, task_id: int, images: bool, resolution: int):

@@ -96,15 +96,19 @@ class TrainingScenes:
     states: np.ndarray | None  # [E, S] start scenes, None for caches built before they were recorded
     sources: list[str]
 
-    def overlaps(self, task_id: int, trial: int, official: np.ndarray) -> str | None:
-        """Why (task_id, trial) is not held out from these scenes (``official``: the task's states), or None."""
+    def overlaps(self, task_id: int, trial: int, official: np.ndarray, scene: np.ndarray | None = None
+                 ) -> str | None:
+        """Why (task_id, trial) is not held out from these scenes (``official``: the task's states), or None.
+        ``scene``: the trial's start scene when it is not official state ``trial`` (a generated scene)."""
         mine = self.task_ids == task_id
-        if np.any(mine & (self.official_index == trial)):
+        what = f"official init state {trial}" if scene is None else f"evaluation scene {trial}"
+        if scene is None and np.any(mine & (self.official_index == trial)):
             return f"a training demo of task {task_id} started from official init state {trial}"
         if self.states is not None and mine.any():
-            gap = scene_gaps(official[trial], self.states[mine], informative_dims(official)).min()
+            start = official[trial] if scene is None else scene
+            gap = scene_gaps(start, self.states[mine], informative_dims(official)).min()
             if gap < SAME_SCENE_TOL:
-                return (f"a training demo of task {task_id} started from official init state {trial} (gap "
+                return (f"a training demo of task {task_id} started from {what} (gap "
                         f"{gap:.1e}, the {SAME_SCENE_QUANTILE:.0%} quantile over the placement dimensions)")
         return None
 
@@ -152,11 +156,12 @@ def demo_scenes(demos_dir: str | os.PathLike) -> TrainingScenes:
                           states=np.stack(states) if states else None, sources=sources)
 
 
-def overlaps(suite: str, pairs: Iterable[tuple[int, int]], training: Iterable[Mapping[str, Any]]
-             ) -> tuple[list[dict[str, Any]], list[str]]:
+def overlaps(suite: str, pairs: Iterable[tuple[int, int]], training: Iterable[Mapping[str, Any]],
+             eval_scenes: Mapping[int, np.ndarray] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """``(overlapping, unknown)``: evaluation (task, trial) pairs that a training artifact started from, and
     artifacts that cannot tell. ``training``: refs ``{"kind": "cache" | "demos", "path", "content_hash"}`` whose
-    content was already checked against the hash (``rsd.policies.lineage``)."""
+    content was already checked against the hash (``rsd.policies.lineage``). ``eval_scenes``: the evaluation's start
+    scenes by task (``[trials, S]``) when they are generated rather than the official init states."""
     scenes, unknown = [], []
     for ref in {r["content_hash"]: r for r in training}.values():
         path = Path(ref["path"])
@@ -176,7 +181,8 @@ def overlaps(suite: str, pairs: Iterable[tuple[int, int]], training: Iterable[Ma
         if task_id not in official:
             official[task_id] = get_init_states(suite, task_id)
         for s in scenes:
-            why = s.overlaps(task_id, trial, official[task_id])
+            why = s.overlaps(task_id, trial, official[task_id],
+                             None if eval_scenes is None else eval_scenes[task_id][trial])
             if why:
                 found.append({"task_id": int(task_id), "trial": int(trial), "source": s.source, "reason": why})
                 break

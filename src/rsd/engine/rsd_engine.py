@@ -29,7 +29,8 @@ Modes (tokens in the layers view ``[B, 8, 128]``, see ``rsd.tokenizer.layout``; 
 
 Depth and residual early exit (any mode):
 
-- ``depth=D`` (1..8): decode only layers ``0..D-1``; layers ``>= D`` hold the centre level, which RFSQ
+- ``depth=D`` (1..8, at most the main model's ``trained_layers``): decode only layers ``0..D-1``; layers ``>= D``
+  hold the centre level, which RFSQ
   decodes as exactly 0, so the action is the tokenizer's D-layer prefix decode. At ``D <= 3`` the engine
   drafts / verifies only ``D - 1`` layers (the main model supplies layer ``D-1`` as the bonus layer).
 - ``early_exit="bound"``: before each layer ``k >= 1``, stop when the remaining layers ``k..7`` cannot move
@@ -334,6 +335,11 @@ class RSDInferenceEngine:
         self.depth = self.num_layers if depth is None else int(depth)
         if not 1 <= self.depth <= self.num_layers:
             raise ValueError(f"depth must be in 1..{self.num_layers}, got {depth!r}")
+        trained = int(getattr(self.main, "trained_layers", self.num_layers))
+        if self.depth > trained:  # the heads of the other layers were never trained
+            raise ValueError(f"depth {self.depth}{' (null: all layers)' if depth is None else ''} needs layers the "
+                             f"main model was not trained for: it was trained for layers 0..{trained - 1} "
+                             f"(trained_layers={trained}); use depth <= {trained}")
         early_exit = None if early_exit in (None, "", "none", False) else str(early_exit)
         if early_exit is not None and early_exit not in EXIT_RULES:
             raise ValueError(f"early_exit must be None or one of {EXIT_RULES}, got {early_exit!r}")
@@ -570,8 +576,10 @@ class RSDInferenceEngine:
 
 # ---------------------------------------------------------------------- distillation targets
 def greedy_tokens(main, hidden, batch_size: int = 256, device: torch.device | str | None = None) -> np.ndarray:
-    """The main model's greedy tokens (the baseline engine) for hidden states ``[N, D]`` -> uint8 ``[N, 8, P]``."""
-    engine = RSDInferenceEngine(main, mode="baseline", device=device)
+    """The main model's greedy tokens (the baseline engine) for hidden states ``[N, D]`` -> uint8 ``[N, 8, P]``;
+    layers the main model was not trained for hold the centre level (as at a smaller ``depth``)."""
+    engine = RSDInferenceEngine(main, mode="baseline", device=device,
+                                depth=int(getattr(main, "trained_layers", getattr(main, "num_layers", 8))))
     out = []
     for i in range(0, hidden.shape[0], batch_size):
         h = torch.from_numpy(np.array(hidden[i:i + batch_size], dtype=np.float32))  # a copy (memmaps are read-only)

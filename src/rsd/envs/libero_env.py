@@ -18,6 +18,9 @@ MAX_STEPS = {
     "libero_90": 400,
 }
 NUM_WARMUP_STEPS = 10
+#: Where an evaluation's episodes start: the suite's official init states (the protocol; results are reported
+#: on these) or new scenes drawn from the task's placement distribution (a selection set; generate_scenes).
+INIT_SOURCES = ("official", "generated")
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 
 
@@ -86,3 +89,27 @@ def reset_to_init_state(env, init_state: np.ndarray | None, num_warmup_steps: in
     for _ in range(num_warmup_steps):
         obs, _, _, _ = env.step(NOOP_ACTION)
     return obs
+
+
+def scene_seed_for(seed_base: int, task_id: int, index: int) -> int:
+    """The NumPy seed of generated scene ``index`` of ``task_id`` (disjoint across tasks up to 1000 scenes)."""
+    return int(seed_base) + 1000 * int(task_id) + int(index)
+
+
+def generate_scenes(task: TaskSpec, count: int, seed_base: int) -> np.ndarray:
+    """``[count, S]`` new start scenes of ``task``: scene ``i`` is the state after ``env.seed(scene_seed_for(
+    seed_base, task, i))`` and ``env.reset()`` (the task's own placement distribution), drawn in order in one
+    fresh env, so the same arguments give the same scenes (fixture placement depends on the env's reset
+    count, README "Limits"). Used for evaluation states apart from the official ones (a selection set)."""
+    if not 0 <= count <= 1000:
+        raise ValueError(f"generated scenes per task must be in 0..1000 (seeds are 1000 apart), got {count}")
+    env = make_env(task)
+    try:
+        scenes = []
+        for i in range(count):
+            env.seed(scene_seed_for(seed_base, task.task_id, i))
+            env.reset()
+            scenes.append(env.sim.get_state().flatten().copy())
+    finally:
+        env.close()
+    return np.stack(scenes) if scenes else np.zeros((0, 0))

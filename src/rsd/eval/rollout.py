@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rsd.envs.expert import parse_goal
 from rsd.envs.libero_env import MAX_STEPS, NUM_WARMUP_STEPS, TaskSpec, reset_to_init_state
 
 
@@ -41,6 +42,7 @@ class EpisodeResult:
     frames: list[np.ndarray] | None = None  # agentview RGB (upright), only when recorded
     peak_rss_mb: float | None = None  # peak resident memory of the process during the episode
     peak_cuda_mb: float | None = None  # torch.cuda.max_memory_allocated during the episode (CUDA only)
+    markers: dict[str, Any] = field(default_factory=dict)  # how far the episode got (GoalMarkers), for failure modes
 
     def to_record(self) -> dict:
         rec = asdict(self)
@@ -114,6 +116,56 @@ def memory_peaks() -> tuple[float | None, float | None]:
     return rss, cuda
 
 
+class GoalMarkers:
+    """How far an episode got towards its goal ``(Pred obj target)``, from the object poses in the observations
+    (privileged state; every policy gets the same markers), so failures can be told apart without videos:
+    was the goal object lifted, was another object lifted instead, how close did it get to the target, where
+    was it at the end, how often did the gripper close. Distances in cm; ``lift`` = rise of the object above
+    its height at the episode's first observation."""
+
+    def __init__(self, task: TaskSpec, obs: dict) -> None:
+        _, obj, target = parse_goal(task.bddl_file)
+        names = [k[:-4] for k in obs if k.endswith("_pos") and not k.startswith("robot0_") and "_to_" not in k]
+        self.obj = obj if obj in names else None
+        # a region target (basket_1_contain_region) is measured at its object (basket_1)
+        self.target = next((n for n in sorted(names, key=len, reverse=True) if target.startswith(n)), None)
+        self.others = [n for n in names if n not in (self.obj, self.target)]
+        self.start = {n: np.asarray(obs[f"{n}_pos"], dtype=np.float64).copy() for n in names}
+        self.lift_max = 0.0
+        self.other_lift_max = 0.0
+        self.dist_min = float("inf")
+        self.closes = 0
+        self._gripper = -1.0
+        self.update(obs)
+
+    def _dist_xy(self, obs: dict) -> float:
+        if self.obj is None or self.target is None:
+            return float("nan")
+        return float(np.linalg.norm(np.asarray(obs[f"{self.obj}_pos"])[:2] - np.asarray(obs[f"{self.target}_pos"])[:2]))
+
+    def _lift(self, obs: dict, name: str) -> float:
+        return float(obs[f"{name}_pos"][2] - self.start[name][2])
+
+    def update(self, obs: dict, gripper: float | None = None) -> None:
+        if self.obj is not None:
+            self.lift_max = max(self.lift_max, self._lift(obs, self.obj))
+            self.dist_min = min(self.dist_min, self._dist_xy(obs))
+        if self.others:
+            self.other_lift_max = max(self.other_lift_max, max(self._lift(obs, n) for n in self.others))
+        if gripper is not None:
+            self.closes += int(gripper > 0 and self._gripper <= 0)
+            self._gripper = gripper
+        self._last = obs
+
+    def to_dict(self) -> dict[str, Any]:
+        cm = 100.0
+        end_lift = self._lift(self._last, self.obj) if self.obj is not None else float("nan")
+        return {"object": self.obj, "target": self.target, "lift_max_cm": round(self.lift_max * cm, 2),
+                "other_lift_max_cm": round(self.other_lift_max * cm, 2),
+                "dist_min_cm": round(self.dist_min * cm, 2), "end_lift_cm": round(end_lift * cm, 2),
+                "end_dist_cm": round(self._dist_xy(self._last) * cm, 2), "gripper_closes": int(self.closes)}
+
+
 def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, mode: str = "speculative",
                 trial: int = 0, max_steps: int | None = None, num_warmup_steps: int = NUM_WARMUP_STEPS,
                 record_frames: bool = False, camera: str = "agentview") -> EpisodeResult:
@@ -136,6 +188,7 @@ def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, m
         policy.reset(task, mode, trial)
         obs = reset_to_init_state(env, init_state, num_warmup_steps, seed=0)
         grab(obs)
+        markers = GoalMarkers(task, obs)
         done = False
         digest = hashlib.sha1()
         while res.steps < max_steps and not done:
@@ -151,9 +204,11 @@ def run_episode(env: Any, policy: Any, task: TaskSpec, init_state: np.ndarray, m
                 obs, _, done, _ = env.step(action)
                 res.steps += 1
                 grab(obs)
+                markers.update(obs, float(action[-1]))
                 if done or res.steps >= max_steps:
                     break
         res.success = bool(done)
+        res.markers = markers.to_dict()
     except Exception as exc:  # recorded by the caller, never counted as a success
         res.success = False
         res.error = f"{type(exc).__name__}: {exc}"

@@ -1,7 +1,10 @@
 """Run many LIBERO episodes: work list, worker processes, JSONL log with resume, error capture.
 
 - The work list is every ``(task, trial, mode)`` of the request, in that order; trial ``i`` starts from
-  the task's fixed init state ``i``. ``mode=both`` puts the speculative and the baseline episode of the
+  the task's fixed init state ``i`` (``init_source="official"``, the protocol) or from generated scene ``i``
+  (``init_source="generated"``: ``rsd.envs.libero_env.generate_scenes`` with ``scene_seed``, drawn once by the
+  main process into ``<out_dir>/init_states.npz``; a selection set apart from the official states, which are
+  checked not to be among them). ``mode=both`` puts the speculative and the baseline episode of the
   same init state next to each other.
 - Every finished episode is appended to ``<out_dir>/episodes.jsonl`` at once (one JSON object a line,
   flushed and fsynced by the main process only). A rerun with the same ``out_dir`` loads the file and
@@ -33,8 +36,17 @@ from typing import Any
 
 import numpy as np
 
-from rsd.data.heldout import TrainStatesError, overlaps
-from rsd.envs.libero_env import MAX_STEPS, TaskSpec, get_init_states, get_task, make_env, num_tasks
+from rsd.data.heldout import SAME_SCENE_TOL, TrainStatesError, nearest_scene, overlaps
+from rsd.envs.libero_env import (
+    INIT_SOURCES,
+    MAX_STEPS,
+    TaskSpec,
+    generate_scenes,
+    get_init_states,
+    get_task,
+    make_env,
+    num_tasks,
+)
 from rsd.envs.libero_setup import configure_libero
 from rsd.eval.rollout import EpisodeResult, run_episode, write_video
 from rsd.eval.shard import select_shard, write_shard_file
@@ -46,6 +58,7 @@ log = logging.getLogger(__name__)
 
 EPISODES_FILE = "episodes.jsonl"
 RUN_FILE = "eval_run.json"
+SCENES_FILE = "init_states.npz"  # init_source=generated: the scenes every worker reads (task_<id>: [N, S], seed_base)
 HELDOUT_FILE = "heldout.json"  # the held-out verdict of the run, written before its first episode
 VIDEO_DIR = "videos"
 
@@ -217,6 +230,7 @@ class EpisodeWorker:
     max_steps: int | None = None
     video_fps: int = 20
     worker_id: int = 0
+    scenes_file: str | None = None  # generated start scenes (SCENES_FILE) instead of the official init states
     policy: Any = None
     _task_id: tuple | None = None
     _task: TaskSpec | None = None
@@ -239,7 +253,11 @@ class EpisodeWorker:
         self.close_envs()
         self._task_id = None
         self._task = get_task(suite, task_id)
-        self._init_states = get_init_states(suite, task_id)
+        if self.scenes_file:
+            with np.load(self.scenes_file) as scenes:
+                self._init_states = scenes[f"task_{task_id}"]
+        else:
+            self._init_states = get_init_states(suite, task_id)
         self._task_id = (suite, task_id)
 
     def _env(self, images: bool, video: bool) -> Any:
@@ -308,12 +326,12 @@ def error_record(job: Job, message: str, max_steps: int | None, worker: int | No
 
 
 def _worker_main(worker_id: int, conn: Any, policy_spec: dict, out_dir: str, max_steps: int | None,
-                 threads: int | None) -> None:
+                 threads: int | None, scenes_file: str | None = None) -> None:
     """Worker process: receive jobs over ``conn``, send back ``("done", record)`` / ``("fatal", msg)``."""
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)
-    worker = EpisodeWorker(policy_spec, out_dir, max_steps, worker_id=worker_id)
+    worker = EpisodeWorker(policy_spec, out_dir, max_steps, worker_id=worker_id, scenes_file=scenes_file)
     try:
         while True:
             try:
@@ -353,12 +371,13 @@ class EvalRun:
 
 
 def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], training: Mapping[str, Any],
-                   allow_train_states: bool = False) -> dict:
+                   allow_train_states: bool = False, scenes: Mapping[int, np.ndarray] | None = None) -> dict:
     """Are the evaluation's init states held out from the training data of the policy it evaluates?
 
     ``training``: what the policy was trained on (``rsd.policies.registry.policy_training_data``: every factory
     says): ``learned``, ``data`` (refs of caches and demo sets, checked by content hash) and ``untraceable``
-    (models whose training data cannot be named). Overlapping or unverifiable states raise
+    (models whose training data cannot be named). ``scenes``: the start scenes by task when they are not the
+    official init states (generated). Overlapping or unverifiable states raise
     :class:`rsd.data.heldout.TrainStatesError` unless ``allow_train_states``; the verdict is returned for the
     summary's first line.
     """
@@ -367,7 +386,7 @@ def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], t
         return {"status": "no_training_data", "overlapping_episodes": 0, "allow_train_states": bool(allow_train_states),
                 "line": f"Init states: the policy learned nothing ({training.get('reason', 'no model')})"}
     data = list(training.get("data") or [])
-    found, unknown = overlaps(suite, pairs, data) if data else ([], [])
+    found, unknown = overlaps(suite, pairs, data, scenes) if data else ([], [])
     unknown = list(training.get("untraceable") or []) + unknown
     if not data and not unknown:
         unknown = ["the policy names no training data"]
@@ -388,7 +407,59 @@ def check_held_out(suite: str, task_ids: Sequence[int], trials: Sequence[int], t
             "line": f"WARNING: NOT A HELD-OUT EVALUATION (allow_train_states=true): {what}"}
 
 
-def _check_run_identity(out_dir: Path, identity: dict, force: bool) -> None:
+def _read_scenes(path: Path | None, seed_base: int) -> dict[int, np.ndarray]:
+    """Scenes by task from a scenes file drawn with ``seed_base`` (a file of another seed gives none)."""
+    if path is None or not path.is_file():
+        return {}
+    with np.load(path) as f:
+        if "seed_base" not in f.files or int(f["seed_base"]) != int(seed_base):
+            return {}
+        return {int(k.split("_")[1]): f[k] for k in f.files if k.startswith("task_")}
+
+
+def _write_scenes(path: Path, scenes: Mapping[int, np.ndarray], seed_base: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, seed_base=np.int64(seed_base), **{f"task_{t}": v for t, v in sorted(scenes.items())})
+    os.replace(tmp, path)
+
+
+def load_or_generate_scenes(path: Path, suite: str, task_ids: Sequence[int], count: int, seed_base: int,
+                            progress: bool = True, shared: Path | None = None) -> dict[int, np.ndarray]:
+    """The generated start scenes of an evaluation (``SCENES_FILE``; drawn on the first call, read on resume).
+
+    Drawing takes ~1-3 s a scene (LIBERO rebuilds the model at every reset), so scenes drawn once are also kept
+    in ``shared`` (e.g. ``data/eval_scenes/<suite>_seed<N>.npz``) and copied from there by later evaluations
+    with the same seed: the same scenes either way, since scene i depends only on (task, seed, i).
+    Every scene is checked against the task's official init states: a selection set must not contain the
+    states results are reported on (same-scene rule of ``rsd.data.heldout``)."""
+    scenes = _read_scenes(path, seed_base)
+    for t, v in _read_scenes(shared, seed_base).items():
+        if len(v) > len(scenes.get(t, ())):
+            scenes[t] = v
+    todo = [t for t in task_ids if t not in scenes or len(scenes[t]) < count]
+    if todo:
+        bar = progress_bar(total=len(todo), desc="generating scenes", unit="task", enabled=progress)
+        for t in todo:
+            scenes[t] = generate_scenes(get_task(suite, t), count, seed_base)
+            official = get_init_states(suite, t)
+            for i, scene in enumerate(scenes[t]):
+                j, gap = nearest_scene(scene, official)
+                if gap < SAME_SCENE_TOL:
+                    raise ValueError(f"generated scene {i} of task {t} (seed base {seed_base}) is official init "
+                                     f"state {j} (gap {gap:.1e}); choose another scene_seed")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if shared is not None:
+            _write_scenes(shared, {**_read_scenes(shared, seed_base), **{t: scenes[t] for t in todo}}, seed_base)
+    chosen = {t: scenes[t][:count] for t in task_ids}
+    _write_scenes(path, chosen, seed_base)
+    return chosen
+
+
+def _check_run_identity(out_dir: Path, identity: dict, force: bool, write: bool = True) -> None:
     path = out_dir / RUN_FILE
     if path.exists():
         old = json.loads(path.read_text())
@@ -396,7 +467,8 @@ def _check_run_identity(out_dir: Path, identity: dict, force: bool) -> None:
             raise ValueError(
                 f"{out_dir} holds episodes of a different evaluation:\n  before: {old}\n  now:    {identity}\n"
                 "Use another out_dir, or resume_check=false to append anyway.")
-    path.write_text(json.dumps(identity, indent=2, default=_json_default) + "\n")
+    if write:
+        path.write_text(json.dumps(identity, indent=2, default=_json_default) + "\n")
 
 
 def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Path,
@@ -405,7 +477,8 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    video: Any = None, retry_errors: bool = False, max_episodes: int | None = None,
                    progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
                    max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None,
-                   allow_train_states: bool = False) -> EvalRun:
+                   allow_train_states: bool = False, init_source: str = "official",
+                   scene_seed: int = 900_000, scenes_dir: str | Path | None = None) -> EvalRun:
     """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list.
     ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``).
     The init states must be held out from the policy's training data (:func:`check_held_out`, for every
@@ -420,11 +493,13 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
     if bad:
         raise ValueError(f"{suite} has tasks 0..{n_tasks - 1}; got {bad}")
     trial_list = parse_trials(trials)
-    n_init = min(len(get_init_states(suite, t)) for t in task_ids) if task_ids else 0
+    if init_source not in INIT_SOURCES:
+        raise ValueError(f"init_source must be one of {INIT_SOURCES}, got {init_source!r}")
+    n_init = (min(len(get_init_states(suite, t)) for t in task_ids) if task_ids else 0) \
+        if init_source == "official" else 1000
     if trial_list and trial_list[-1] >= n_init:
         raise ValueError(f"trial {trial_list[-1]} needs init state {trial_list[-1]}, but {suite} tasks have "
                          f"{n_init} init states (trials=N allows N <= {n_init})")
-    heldout = check_held_out(suite, task_ids, trial_list, policy_training_data(policy_spec), allow_train_states)
     modes = parse_modes(mode)
     jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
     shard_info = None
@@ -433,8 +508,22 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
 
     identity = {"suite": suite, "max_steps": MAX_STEPS[suite] if max_steps is None else int(max_steps),
                 "policy": spec_identity(policy_spec)}
+    if init_source != "official":  # runs of the official states keep the identity they always had
+        identity.update(init_source=init_source, scene_seed=int(scene_seed))
     if shard_info:
         identity["shard"] = shard_info["shard"]
+    scenes_file = None
+    scenes = None
+    if init_source == "generated":
+        _check_run_identity(out_dir, identity, force=not resume_check, write=False)  # before drawing scenes
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shared = Path(scenes_dir) / f"{suite}_seed{int(scene_seed)}.npz" if scenes_dir else None
+        scenes = load_or_generate_scenes(out_dir / SCENES_FILE, suite, task_ids,
+                                         (trial_list[-1] + 1) if trial_list else 0, int(scene_seed), progress,
+                                         shared)
+        scenes_file = str(out_dir / SCENES_FILE)
+    heldout = check_held_out(suite, task_ids, trial_list, policy_training_data(policy_spec), allow_train_states,
+                             scenes)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_identity(out_dir, identity, force=not resume_check)
     (out_dir / HELDOUT_FILE).write_text(json.dumps(_clean(heldout), indent=1, default=_json_default) + "\n")
@@ -478,11 +567,12 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
 
         try:
             if workers <= 0:
-                _run_inline(todo, policy_spec, out_dir, max_steps, on_record)
+                _run_inline(todo, policy_spec, out_dir, max_steps, on_record, scenes_file)
             else:
                 threads = threads_per_worker or max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
                 _run_pool(todo, policy_spec, out_dir, max_steps, on_record, min(workers, len(todo)), threads,
-                          max_worker_restarts if max_worker_restarts is not None else 2 * workers + 2)
+                          max_worker_restarts if max_worker_restarts is not None else 2 * workers + 2,
+                          scenes_file)
         finally:
             if bar is not None:
                 bar.close()
@@ -493,8 +583,9 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    max_steps=identity["max_steps"], heldout=heldout)
 
 
-def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record) -> None:
-    worker = EpisodeWorker(policy_spec, str(out_dir), max_steps)
+def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record,
+                scenes_file: str | None = None) -> None:
+    worker = EpisodeWorker(policy_spec, str(out_dir), max_steps, scenes_file=scenes_file)
     try:
         for job in todo:
             try:
@@ -519,7 +610,7 @@ def _next_job(pending: deque, last: tuple | None) -> Job | None:
 
 
 def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record,
-              workers: int, threads: int, max_restarts: int) -> None:
+              workers: int, threads: int, max_restarts: int, scenes_file: str | None = None) -> None:
     ctx = mp.get_context("spawn")
     pending = deque(todo)
     procs: dict[int, Any] = {}  # wid -> Process
@@ -535,7 +626,7 @@ def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int 
         next_wid += 1
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         p = ctx.Process(target=_worker_main, name=f"rsd-eval-{wid}", daemon=True,
-                        args=(wid, child_conn, policy_spec, str(out_dir), max_steps, threads))
+                        args=(wid, child_conn, policy_spec, str(out_dir), max_steps, threads, scenes_file))
         p.start()
         child_conn.close()
         procs[wid], conns[wid] = p, parent_conn

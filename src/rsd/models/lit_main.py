@@ -1,7 +1,7 @@
 """LightningModule training the main depth decoder on the feature cache, and its export callback.
 
-Teacher forcing: ``decoder(hidden, tokens[:, :7])`` gives the logits of all 8 layers in one call;
-the loss is the cross-entropy over the 8 x 128 tokens. Metrics (torchmetrics, under ``train/``,
+Teacher forcing: ``decoder(hidden, tokens[:, :K-1])`` gives the logits of the ``K = net.trained_layers`` trained
+layers (all 8 by default) in one call; the loss is the cross-entropy over the K x 128 tokens. Metrics (torchmetrics, under ``train/``,
 ``val/`` and ``test/``): ``acc_L{k}`` token accuracy of layer k, ``exact_L{k}`` fraction of samples
 whose whole layer k is right (what strict speculative acceptance needs), ``exact_all`` all 8 layers
 right, and ``accuracy`` = mean token accuracy over the 8 layers (``val/accuracy`` is monitored).
@@ -45,7 +45,7 @@ class MainDecoderLitModule(TokenClassifierLitModule):
         self.decoder = self._build_net(net, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                        min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing,
                                        betas=tuple(float(b) for b in betas))
-        n = self.decoder.num_layers
+        n = self.decoder.trained_layers  # layers 0..n-1 are trained (the net's config says how many)
         self.num_layers = n
         self._checked_range = False
         self.layer_metrics = LayerTokenMetrics(n)
@@ -58,9 +58,10 @@ class MainDecoderLitModule(TokenClassifierLitModule):
         if not isinstance(batch, dict) or "hidden" not in batch or "tokens" not in batch:
             raise ValueError("main decoder batches must be dicts with 'hidden' [B, D] and 'tokens' [B, 8, 128]")
         hidden, tokens = batch["hidden"].float(), batch["tokens"].long()
-        want = (self.num_layers, self.decoder.num_positions)
+        want = (self.decoder.num_layers, self.decoder.num_positions)
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != want:
             raise ValueError(f"tokens must be the layers view [B, {want[0]}, {want[1]}], got {tuple(tokens.shape)}")
+        tokens = tokens[:, : self.num_layers]  # only the trained layers are predicted
         if not self._checked_range:  # once: out-of-range levels would silently index a neighbour's embedding
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.decoder.num_levels:
@@ -71,7 +72,7 @@ class MainDecoderLitModule(TokenClassifierLitModule):
     # ------------------------------------------------------------------ steps
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         hidden, tokens = self._unpack(batch)
-        logits = self.decoder(hidden, tokens[:, : self.num_layers - 1])  # [B, 8, 128, V]
+        logits = self.decoder(hidden, tokens[:, : self.num_layers - 1])  # [B, trained layers, 128, V]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
                                label_smoothing=self.hparams.label_smoothing)
         b = hidden.shape[0]
