@@ -263,3 +263,20 @@ def test_experiment_main_head_trains_with_train_py(tmp_path: Path):
     metrics = entry.train(cfg)
     assert "val/accuracy" in metrics and "val/acc_L7" in metrics
     assert load_main_decoder(tmp_path / "main_decoder.pt").config["d_model"] == 64
+
+
+def test_training_cost_benchmark_runs_and_reports_each_layer_count(tmp_path: Path):
+    """scripts/benchmark_main_training.py: one row per trained-layer count, ratios from its own columns."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark_main_training.py"),
+                           "--layers", "2", "1", "--steps", "1", "--batch-size", "4", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["trained_layers"] for r in rows] == [2, 1]
+    assert rows[1]["ratio_to_first"] == pytest.approx(rows[0]["ms_per_step"] / rows[1]["ms_per_step"])
+    assert "| 1 |" in proc.stdout

@@ -20,6 +20,7 @@ from rsd.data.cache import write_cache
 from rsd.data.heldout import (
     SAME_SCENE_TOL,
     TrainStatesError,
+    comparison_dims,
     informative_dims,
     nearest_scene,
     overlaps,
@@ -138,6 +139,14 @@ def test_generated_evaluation_scenes_are_checked_against_training_scenes(tmp_pat
     moved[1:] += 0.01
     cache = cache_with_scenes(tmp_path / "c", [moved, official[7]], [0, 0], [None, 7])
     scenes = {0: np.stack([official[2] + 0.02, moved + 1e-9, official[7] + 0.03])}
+    # generated scenes share the robot's rest joints exactly: those dimensions must not make scenes "the same"
+    dims = informative_dims(official)
+    rest = np.stack([official[0], official[4], official[9]])
+    rest[:, dims[:7]] = 0.1
+    assert len(comparison_dims(official, rest)) == len(dims) - 7
+    other = official[6].copy()
+    other[dims[:7]] = 0.1
+    assert scene_gaps(other, rest, comparison_dims(official, rest)).min() > SAME_SCENE_TOL
     found, unknown = overlaps(SUITE, [(0, i) for i in range(3)], [artifact_ref(cache)], scenes)
     assert unknown == [] and [f["trial"] for f in found] == [1]
     assert "evaluation scene 1" in found[0]["reason"]

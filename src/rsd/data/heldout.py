@@ -15,7 +15,9 @@ recorded after the protocol's 10 warm-up no-ops from official state i differs fr
 some dimensions (the arm moves, objects settle) while most placement coordinates stay within ~1e-5; a new
 scene, or another official state, differs by >= ~2.5e-4 in all but one or two of them (measured on
 libero_spatial tasks 1, 5 and libero_object task 3; ``tests/data/test_heldout.py`` checks it in the simulator).
-A single max-abs threshold catches only exact restores.
+A single max-abs threshold catches only exact restores. Against training scenes, the dimensions are narrowed to
+those in which the training scenes vary too (:func:`comparison_dims`): generated scenes share the robot's rest
+joints exactly, which made every generated evaluation scene "the same" as every generated training scene.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def informative_dims(official: np.ndarray) -> np.ndarray:
     official = np.asarray(official, dtype=np.float64)
     spread = official[:, 1:].max(axis=0) - official[:, 1:].min(axis=0)
     return np.nonzero(spread > 1e-9)[0] + 1
+
+
+def comparison_dims(official: np.ndarray, training: np.ndarray) -> np.ndarray:
+    """The dimensions two scenes are compared on: where the task's official states differ, narrowed to those in
+    which the training scenes differ among themselves too (when at least 3 do). Scenes drawn by ``env.reset()``
+    all share the robot's rest joints (the official states add joint noise), so on those dimensions any two
+    generated scenes agree exactly; counting them would call every generated scene the same as every other."""
+    dims = informative_dims(official)
+    training = np.atleast_2d(np.asarray(training, dtype=np.float64))
+    if len(training) > 1 and training.shape[1] == np.asarray(official).shape[1]:
+        varies = training[:, dims].max(axis=0) - training[:, dims].min(axis=0) > 1e-9
+        if varies.sum() >= 3:
+            return dims[varies]
+    return dims
 
 
 def scene_gaps(scene: np.ndarray, others: np.ndarray, dims: np.ndarray | None = None) -> np.ndarray:
@@ -106,7 +122,7 @@ class TrainingScenes:
             return f"a training demo of task {task_id} started from official init state {trial}"
         if self.states is not None and mine.any():
             start = official[trial] if scene is None else scene
-            gap = scene_gaps(start, self.states[mine], informative_dims(official)).min()
+            gap = scene_gaps(start, self.states[mine], comparison_dims(official, self.states[mine])).min()
             if gap < SAME_SCENE_TOL:
                 return (f"a training demo of task {task_id} started from {what} (gap "
                         f"{gap:.1e}, the {SAME_SCENE_QUANTILE:.0%} quantile over the placement dimensions)")
