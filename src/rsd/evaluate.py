@@ -195,6 +195,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = output_dir(cfg)
     spec = resolve_policy_spec(_container(cfg.policy))
     log.info("Evaluating %s (%s) -> %s", cfg.suite, spec.get("factory"), out_dir)
+    code = code_version()  # the code the episodes run with (taken before they start, not when they end)
     run = run_evaluation(
         suite=cfg.suite, policy_spec=spec, out_dir=out_dir, tasks=_container(cfg.tasks),
         trials=_container(cfg.trials), mode=cfg.mode, workers=resolve_workers(cfg.workers, str(cfg.device)),
@@ -211,7 +212,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "out_dir": str(out_dir), "policy": spec, "complete": len(run.records) == run.total,
         "work_list_episodes": run.total, "new_episodes": run.new, "resumed_episodes": run.skipped,
         "max_steps": run.max_steps, "heldout": run.heldout, "artifacts": policy_artifacts(spec),
-        "code": code_version(), "machine": machine_info(),
+        "code": code, "machine": machine_info(),
         "init_source": str(cfg.get("init_source", "official")),
         **({"scene_seed": int(cfg.scene_seed)} if cfg.get("init_source") == "generated" else {}), **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
     })
