@@ -156,6 +156,23 @@ def test_generated_evaluation_scenes_are_checked_against_training_scenes(tmp_pat
     assert check_held_out(SUITE, [0], [0, 2], training, scenes=scenes)["status"] == "held_out"
 
 
+def test_an_object_stacked_on_another_counts_once() -> None:
+    """Libero_spatial task 5 stacks a bowl on a ramekin: their x and y repeat in every scene. Counted twice, one
+    object landing within 5e-5 of its place in a training scene made official state 48 "the same scene" as a
+    training demo whose other objects are 4e-3 to 1.6e-2 away (measured on a fresh make train's cache)."""
+    rng = np.random.default_rng(0)
+    official = np.zeros((50, 9))
+    official[:, 1:] = rng.uniform(-0.015, 0.015, (50, 8))
+    official[:, 3:5] = official[:, 1:3]  # object 2 sits on object 1; objects 3 and 4 stand alone
+    training = official[:20] + rng.uniform(0.004, 0.016, (20, 9)) * rng.choice([-1, 1], (20, 9))
+    training[:, 3:5] = training[:, 1:3]
+    training[0, 1:5] = np.tile(official[48, 1:3] + 5e-5, 2)  # the stacked objects land where they stand in 48
+    training[0, 5:9] = official[48, 5:9] + [4e-3, -4e-3, 9e-3, 1.6e-2]  # the others do not
+    assert list(comparison_dims(official, training)) == [1, 2, 5, 6, 7, 8]
+    assert scene_gaps(official[48], training[:1], comparison_dims(official, training))[0] > SAME_SCENE_TOL
+    assert scene_gaps(official[48], training[:1], np.arange(1, 9))[0] < SAME_SCENE_TOL  # counted twice
+
+
 def test_untraceable_model_is_refused(tmp_path: Path, official) -> None:
     """Hole: a model with no recorded training data gave ``no_training_data`` and the evaluation went on."""
     legacy = tmp_path / "old_run" / "best_draft_with_projection.pt"

@@ -18,6 +18,7 @@ libero_spatial tasks 1, 5 and libero_object task 3; ``tests/data/test_heldout.py
 A single max-abs threshold catches only exact restores. Against training scenes, the dimensions are narrowed to
 those in which the training scenes vary too (:func:`comparison_dims`): generated scenes share the robot's rest
 joints exactly, which made every generated evaluation scene "the same" as every generated training scene.
+Dimensions that repeat another one in every scene (stacked objects) count once (:func:`distinct_dims`).
 """
 
 from __future__ import annotations
@@ -59,13 +60,27 @@ def comparison_dims(official: np.ndarray, training: np.ndarray) -> np.ndarray:
     which the training scenes differ among themselves too (when at least 3 do). Scenes drawn by ``env.reset()``
     all share the robot's rest joints (the official states add joint noise), so on those dimensions any two
     generated scenes agree exactly; counting them would call every generated scene the same as every other."""
+    official = np.asarray(official, dtype=np.float64)
     dims = informative_dims(official)
     training = np.atleast_2d(np.asarray(training, dtype=np.float64))
-    if len(training) > 1 and training.shape[1] == np.asarray(official).shape[1]:
+    scenes = official
+    if len(training) > 1 and training.shape[1] == official.shape[1]:
         varies = training[:, dims].max(axis=0) - training[:, dims].min(axis=0) > 1e-9
         if varies.sum() >= 3:
-            return dims[varies]
-    return dims
+            dims, scenes = dims[varies], np.concatenate([official, training])
+    return distinct_dims(scenes, dims)
+
+
+def distinct_dims(scenes: np.ndarray, dims: np.ndarray) -> np.ndarray:
+    """``dims`` without those that move in lockstep with an earlier one in every scene (an object placed on
+    another, e.g. a bowl on a ramekin, repeats its x and y): counted twice, one object landing near its
+    place in another scene would pass for half of the scene being the same."""
+    values = np.asarray(scenes, dtype=np.float64)[:, dims]
+    keep: list[int] = []
+    for j in range(len(dims)):
+        if not any(np.ptp(values[:, j] - values[:, k]) < 1e-9 for k in keep):
+            keep.append(j)
+    return np.asarray(dims)[keep]
 
 
 def scene_gaps(scene: np.ndarray, others: np.ndarray, dims: np.ndarray | None = None) -> np.ndarray:
