@@ -225,6 +225,52 @@ def test_replay_reproduces_success(sim_task0, expert_rollout):
 
 
 @pytest.mark.sim
+def test_dart_demo_keeps_expert_labels_and_replays_with_executed_actions(tmp_path):
+    """DART collection: the env executes noisy actions, the file keeps the expert's clean labels beside them,
+    the executed actions replay the recorded states and the success; a clean request collects again."""
+    from rsd.data import collect
+    from rsd.envs.libero_env import get_task, make_env, reset_to_init_state
+
+    out = tmp_path / "demos"
+    summary = collect.collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, progress=False,
+                                    action_noise=0.2)
+    row = summary["tasks"][0]
+    assert row["successes"] == 1, row
+    demo = read_demo_file(out / SUITE / f"{row['name']}_demo.hdf5")
+    assert float(demo.attrs["rsd_action_noise"]) == 0.2
+    ep = demo.episodes[0]
+    executed = np.asarray(ep.attrs["rsd_executed_actions"])
+    assert executed.shape == ep.actions.shape
+    arm_noise = executed[:, :6] - ep.actions[:, :6]
+    # the noise is there (std 0.2 before clipping at +-1) and never touches the gripper
+    assert 0.05 < float(np.std(arm_noise[:, :3])) < 0.3
+    np.testing.assert_array_equal(executed[:, 6], ep.actions[:, 6])
+    assert set(np.unique(ep.actions[:, 6])) <= {-1.0, 1.0}
+
+    task = get_task(SUITE, 0)
+    env = make_env(task)
+    try:
+        env.seed(int(ep.attrs["rsd_scene_seed"]))
+        env.reset()
+        reset_to_init_state(env, env.sim.get_state().flatten().copy(), reset=False)
+        done = False
+        for t, action in enumerate(executed):
+            np.testing.assert_allclose(env.sim.get_state().flatten(), ep.states[t], atol=1e-4, err_msg=f"step {t}")
+            _, _, done, _ = env.step(action)
+            if done:
+                break
+        assert done and t == len(executed) - 1
+    finally:
+        env.close()
+    # the same folder asked for clean demos: the noisy file does not satisfy the request
+    again = collect.collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, progress=False)
+    assert not again["tasks"][0]["skipped"]
+    assert float(read_demo_file(out / SUITE / f"{row['name']}_demo.hdf5").attrs["rsd_action_noise"]) == 0.0
+    with pytest.raises(ValueError, match="action_noise"):
+        collect.collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, action_noise=-0.1)
+
+
+@pytest.mark.sim
 def test_collect_suite_small(tmp_path, monkeypatch):
     """collect_suite in-process for one init state: writes the file, the summary, and skips on rerun."""
     from rsd.data import collect

@@ -44,7 +44,7 @@ from rsd.data.libero_hdf5 import (
     summarize_demo_file,
     write_demo_file,
 )
-from rsd.data.record import run_expert_episode
+from rsd.data.record import noise_scales, run_expert_episode
 from rsd.envs.expert import SUPPORTED_SUITES
 from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks, scene_seed_for
 from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
@@ -118,13 +118,14 @@ def _scene(env, init_states: np.ndarray, init_source: str, task_id: int, index: 
 
 def run_attempt(
     suite: str, task_id: int, init_index: int, images: bool, resolution: int, parts_dir: str,
-    init_source: str = "generated", seed_base: int = 100_000,
+    init_source: str = "generated", seed_base: int = 100_000, action_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Run the expert from attempt ``init_index``'s scene (in a worker); save the episode if it succeeded.
 
     ``init_source=official``: the task's fixed init state ``init_index``; ``generated``: a new scene from
     seed :func:`scene_seed_for`, rejected (``rejected`` set, no episode) when it coincides with an
-    official init state. Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
+    official init state. ``action_noise`` > 0 injects DART noise (``rsd.data.record``), seeded by the scene's
+seed (``official``: by the state's index). Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
     """
     parts = Path(parts_dir)
     parts.mkdir(parents=True, exist_ok=True)
@@ -141,8 +142,10 @@ def run_attempt(
             return record
         official_index = origin.get("official_index")
         # a generated scene was just reset into; resetting again would re-sample it
+        noise_seed = origin.get("scene_seed", init_index)
         roll = run_expert_episode(env, task, scene, official_index, images=images,
-                                  reset=init_source == "official")
+                                  reset=init_source == "official", action_noise=action_noise,
+                                  noise_seed=noise_seed)
         record = {
             **base,
             "success": bool(roll.success),
@@ -150,6 +153,7 @@ def run_attempt(
             "seconds": round(time.perf_counter() - t0, 3),
             "error": roll.error,
             "log": roll.log[-12:],
+            "action_noise": float(action_noise),
         }
         if roll.success:
             _, npz = _part_paths(parts, init_index)
@@ -162,6 +166,8 @@ def run_attempt(
                 "init_state": roll.init_state,
                 "scene_state": scene,
             }
+            if roll.executed_actions is not None:
+                arrays["executed_actions"] = roll.executed_actions
             arrays.update({f"obs/{k}": v for k, v in roll.obs.items()})
             tmp = npz.with_name(npz.stem + ".tmp.npz")
             (np.savez_compressed if images else np.savez)(tmp, **arrays)
@@ -192,6 +198,9 @@ def _load_part(parts_dir: Path, init_index: int, record: dict[str, Any]) -> Epis
         if record.get("init_source") == "generated":
             attrs.update(rsd_scene_seed=int(record["scene_seed"]),
                          rsd_official_distance=float(record["official_distance"]))
+        if "executed_actions" in z.files:  # DART: replay needs what the env executed
+            attrs.update(rsd_action_noise=float(record.get("action_noise", 0.0)),
+                         rsd_executed_actions=z["executed_actions"])
         return Episode(
             actions=z["actions"],
             states=z["states"],
@@ -213,7 +222,8 @@ class _TaskRun:
     """Bookkeeping of one task: which init states were tried, which succeeded."""
 
     def __init__(self, suite: str, task_id: int, name: str, n_init: int, demos: int, max_attempts: int | None,
-                 parts_dir: Path, images: bool, init_source: str = "generated", seed_base: int = 100_000):
+                 parts_dir: Path, images: bool, init_source: str = "generated", seed_base: int = 100_000,
+                 action_noise: float = 0.0):
         self.suite, self.task_id, self.name = suite, task_id, name
         if init_source == "official":
             self.limit = n_init if max_attempts is None else min(n_init, int(max_attempts))
@@ -222,7 +232,7 @@ class _TaskRun:
         self.demos = demos
         self.parts_dir = parts_dir
         self.images = images
-        self.origin = {"init_source": init_source, "seed_base": int(seed_base)}
+        self.origin = {"init_source": init_source, "seed_base": int(seed_base), "action_noise": float(action_noise)}
         self.records: dict[int, dict] = {}
         self.pending: set[int] = set()
         self._resume()
@@ -233,7 +243,8 @@ class _TaskRun:
             try:
                 old = json.loads(meta.read_text())
                 same = old.get("images") == self.images and all(
-                    old.get(k, "official" if k == "init_source" else None) == v for k, v in self.origin.items())
+                    old.get(k, {"init_source": "official", "action_noise": 0.0}.get(k)) == v
+                    for k, v in self.origin.items())
             except ValueError:
                 same = False
             if not same:
@@ -307,8 +318,8 @@ class _TaskRun:
         return kept, stats
 
 
-def _existing_stats(path: Path, demos_per_task: int, images: bool, init_source: str = "generated"
-                    ) -> dict[str, Any] | None:
+def _existing_stats(path: Path, demos_per_task: int, images: bool, init_source: str = "generated",
+                    action_noise: float = 0.0) -> dict[str, Any] | None:
     """Stats of an existing file that already satisfies the request (None: collect again).
 
     A file from the other init source never does (files written before the option are official)."""
@@ -324,6 +335,10 @@ def _existing_stats(path: Path, demos_per_task: int, images: bool, init_source: 
     if str(attrs.get("rsd_init_source", "official")) != init_source:
         log.info("%s was recorded from %s init states, %s requested: collecting again", path.name,
                  attrs.get("rsd_init_source", "official"), init_source)
+        return None
+    if float(attrs.get("rsd_action_noise", 0.0)) != float(action_noise):
+        log.info("%s was recorded with action noise %s, %s requested: collecting again", path.name,
+                 attrs.get("rsd_action_noise", 0.0), action_noise)
         return None
     enough = info["num_demos"] >= demos_per_task
     if not enough and stats is not None:
@@ -348,11 +363,14 @@ def collect_suite(
     progress: bool = True,
     init_source: str = "generated",
     scene_seed: int = 100_000,
+    action_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Collect expert demos for ``tasks`` of ``suite`` (all when None) into ``{out_dir}/{suite}/``.
 
     ``init_source``: ``generated`` (new scenes, held out from the official init states; the default) or
     ``official`` (the fixed init states, which evaluation uses: such data is not held out).
+    ``action_noise``: std of the DART noise the env executes on top of the expert's action (``rsd.data.record``;
+    0 = none); the demos keep the expert's own actions as labels.
 
     Returns the summary (also saved as ``collect_summary.json`` / ``.md`` in that folder): per task
     ``task_id, name, attempts, successes, success_rate, mean_episode_length, failed_init_states, file``
@@ -362,6 +380,7 @@ def collect_suite(
         raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {suite!r}")
     if init_source not in INIT_SOURCES:
         raise ValueError(f"init_source must be one of {INIT_SOURCES}, got {init_source!r}")
+    noise_scales(action_noise)  # validates before any env starts
     if init_source == "official":
         log.warning("collecting from the OFFICIAL init states: evaluation uses these states, so a policy "
                     "trained on these demos cannot be evaluated held out on them")
@@ -377,7 +396,7 @@ def collect_suite(
         task = get_task(suite, tid)
         path = demo_path(out_root, suite, task.name)
         if path.exists() and not overwrite:
-            existing = _existing_stats(path, demos_per_task, images, init_source)
+            existing = _existing_stats(path, demos_per_task, images, init_source, action_noise)
             if existing is not None:
                 existing.setdefault("task_id", tid)
                 existing.setdefault("name", task.name)
@@ -386,7 +405,7 @@ def collect_suite(
                 continue
         n_init = len(get_init_states(suite, tid))
         runs[tid] = _TaskRun(suite, tid, task.name, n_init, demos_per_task, max_attempts,
-                             suite_dir / ".parts" / task.name, images, init_source, scene_seed)
+                             suite_dir / ".parts" / task.name, images, init_source, scene_seed, action_noise)
 
     def finish(run: _TaskRun) -> None:
         kept, stats = run.result()
@@ -395,7 +414,7 @@ def collect_suite(
         if kept:
             write_demo_file(
                 path, task, (_load_part(run.parts_dir, i, run.records[i]) for i in kept), images=images,
-                resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, demos_per_task, stats),
+                resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, demos_per_task, stats, action_noise),
             )
             stats["file"] = str(path)
             shutil.rmtree(run.parts_dir, ignore_errors=True)
@@ -423,7 +442,7 @@ def collect_suite(
                 while not run.done():
                     for i in list(run.next_jobs()):
                         rec = run_attempt(suite, run.task_id, i, images, resolution, str(run.parts_dir),
-                                          init_source, scene_seed)
+                                          init_source, scene_seed, action_noise)
                         run.pending.discard(i)
                         run.records[i] = rec
                         _tick(bar, run)
@@ -438,7 +457,7 @@ def collect_suite(
                 def submit_all() -> None:
                     for run, i in jobs():
                         fut = pool.submit(run_attempt, suite, run.task_id, i, images, resolution,
-                                          str(run.parts_dir), init_source, scene_seed)
+                                          str(run.parts_dir), init_source, scene_seed, action_noise)
                         futures[fut] = (run, i)
 
                 submit_all()
@@ -474,12 +493,14 @@ def collect_suite(
     return summary
 
 
-def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: dict[str, Any]) -> dict[str, Any]:
-    """The ``data`` attributes that say where a file's demos started from."""
+def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: dict[str, Any],
+                action_noise: float = 0.0) -> dict[str, Any]:
+    """The ``data`` attributes that say where a file's demos started from and how they were driven."""
     attrs: dict[str, Any] = {
         "rsd_generator": "rsd.envs.expert.BowlPlaceExpert (privileged-state scripted expert)",
         "rsd_warmup_steps": 10,
         "rsd_init_source": init_source,
+        "rsd_action_noise": float(action_noise),
         "rsd_demos_requested": int(demos_per_task),
         "rsd_collect_stats": stats,
     }
@@ -585,6 +606,7 @@ def main() -> None:
             progress=bool(c.get("progress", True)),
             init_source=str(c.get("init_source", "generated")),
             scene_seed=int(c.get("scene_seed", 100_000)),
+            action_noise=float(c.get("action_noise", 0.0)),
         )
 
     _run()

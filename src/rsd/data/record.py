@@ -10,10 +10,17 @@ Replay: the same sequence (reset, the start scene, 10 no-ops, the recorded actio
 recorded states and the success exactly (tested). ``set_init_state(states[0])`` restores the physical
 state but not the controllers' internal state (the gripper's command integrator, the OSC orientation
 goal), so an open-loop replay started there drifts, as LIBERO's own playback warns.
+
+Noise injection (DART, Laskey et al. 2017; ``action_noise``): the env executes the expert's action plus
+Gaussian noise on the arm's six dimensions (never the gripper), while ``actions`` keeps the expert's own
+action for the state it saw. The demos then visit the states a slightly wrong policy drifts into, labelled
+with the expert's correction. Such an episode replays with ``executed_actions`` (kept per demo), not
+``actions``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +48,7 @@ class ExpertRollout:
     seconds: float
     log: list[str] = field(default_factory=list)
     error: str | None = None
+    executed_actions: np.ndarray | None = None  # [T, 7] what the env executed, when noise was injected
 
     def to_episode(self):
         """This rollout as a :class:`rsd.data.libero_hdf5.Episode` (for ``write_demo_file``)."""
@@ -74,6 +82,13 @@ def _obs_record(obs: dict, images: bool) -> dict[str, np.ndarray]:
     return rec
 
 
+def noise_scales(action_noise: float) -> np.ndarray:
+    """Per-dimension noise std for ``action_noise`` (position dims; rotation gets half; gripper none)."""
+    if not (math.isfinite(action_noise) and 0.0 <= action_noise <= 1.0):
+        raise ValueError(f"action_noise must be in [0, 1] (std in action units), got {action_noise}")
+    return np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.0]) * float(action_noise)
+
+
 def run_expert_episode(
     env,
     task: TaskSpec,
@@ -83,12 +98,18 @@ def run_expert_episode(
     images: bool = False,
     config: ExpertConfig | None = None,
     reset: bool = True,
+    action_noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> ExpertRollout:
     """Run the expert from one fixed init state and record the episode (see the module docstring).
 
     ``env`` is a LIBERO env from :func:`rsd.envs.libero_env.make_env` (with cameras if ``images``).
+    ``action_noise`` > 0 executes noisy actions (DART, module docstring) drawn from ``noise_seed``.
     Exceptions inside the episode are caught and returned in ``error`` (``success`` is then False).
     """
+    scales = noise_scales(action_noise)
+    rng = np.random.default_rng(noise_seed)
+    executed: list[np.ndarray] = []
     t0 = time.perf_counter()
     max_steps = MAX_STEPS[task.suite] if max_steps is None else max_steps
     rec: dict[str, list] = {k: [] for k in ("actions", "states", "robot_states", "rewards", "dones")}
@@ -111,6 +132,9 @@ def run_expert_episode(
                 np.concatenate([obs["robot0_gripper_qpos"], obs["robot0_eef_pos"], obs["robot0_eef_quat"]])
             )
             rec["actions"].append(action)
+            if action_noise > 0:
+                action = np.clip(action + scales * rng.standard_normal(7), -1.0, 1.0)
+                executed.append(action)
             obs, reward, done, _ = env.step(action)
             rec["rewards"].append(float(reward))
             rec["dones"].append(bool(done))
@@ -135,4 +159,6 @@ def run_expert_episode(
         seconds=time.perf_counter() - t0,
         log=list(expert.log) if expert is not None else [],
         error=error,
+        executed_actions=np.asarray(executed, dtype=np.float64).reshape(len(executed), 7) if action_noise > 0
+        else None,
     )

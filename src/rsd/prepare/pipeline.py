@@ -121,12 +121,15 @@ def make_steps(cfg: DictConfig) -> dict[str, Step]:
         d = p.demos
         demos_cfg = {"suite": suite, "per_task": int(d.per_task), "tasks": _plain(d.tasks),
                      "scene_seed": int(d.scene_seed), "init_source": "generated"}
+        noise = float(d.get("action_noise", 0.0))
+        if noise:  # only then, so clean demos keep the identity they had before the option existed
+            demos_cfg["action_noise"] = noise
 
         def build_demos(_: Mapping[str, dict]) -> list[str]:
             folder = Path(d.dir)
             collect_suite(suite, int(d.per_task), tasks=_plain(d.tasks), workers=int(d.workers),
                           out_dir=str(folder.parent), overwrite=True, progress=progress,
-                          scene_seed=int(d.scene_seed))
+                          scene_seed=int(d.scene_seed), action_noise=noise)
             if folder.name != suite:
                 raise ValueError(f"prepare.demos.dir must end with the suite name ({suite}), got {folder}")
             return sorted(f.name for f in folder.glob("*_demo.hdf5"))
