@@ -56,3 +56,7 @@ def test_curve_refuses_incomplete_points_and_mixed_modes(tmp_path):
                                                                "mode": "speculative"}]}))
     write_curve(tmp_path / "one.json")
     assert "| x | 1.0 | 0/1 |" in (tmp_path / "learning_curve.md").read_text()
+    (tmp_path / "none.json").write_text(json.dumps({"points": [{"label": "x", "eval_dir": "both", "train_minutes": 1,
+                                                                "mode": "relaxed"}]}))
+    with pytest.raises(ValueError, match="no episodes of mode 'relaxed'"):
+        write_curve(tmp_path / "none.json")

@@ -44,6 +44,8 @@ def curve_points(spec: Mapping[str, Any], base: Path) -> list[dict[str, Any]]:
         elif len(modes) > 1:
             raise ValueError(f"{folder} holds modes {modes}: name the point's 'mode'")
         n, k = len(records), sum(bool(r.get("success")) for r in records)
+        if n == 0:
+            raise ValueError(f"{folder} holds no episodes" + (f" of mode {p['mode']!r}" if "mode" in p else ""))
         out.append({**p, "episodes": n, "successes": k, **success_stats(k, n), "records": records})
     out.sort(key=lambda q: float(q["train_minutes"]))
     for prev, cur in zip(out, out[1:], strict=False):
@@ -101,9 +103,13 @@ def write_curve(spec_path: str | Path, out: str | Path | None = None) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "learning_curve.md"
     md.write_text(markdown(points, spec.get("title", "")))
-    png = out_dir / "learning_curve.png"
+    from rsd.analysis.plots import save_figure
+
     fig = plot(points, spec.get("title", ""))
-    fig.savefig(png, dpi=100, bbox_inches="tight")
+    png = save_figure(fig, out_dir, "learning_curve")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return [md, png]
 
 
