@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rsd.analysis.plots import save_figure
 from rsd.analysis.sequential import read_records
 from rsd.analysis.stats import paired_comparison, success_stats
 
@@ -103,8 +104,6 @@ def write_curve(spec_path: str | Path, out: str | Path | None = None) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "learning_curve.md"
     md.write_text(markdown(points, spec.get("title", "")))
-    from rsd.analysis.plots import save_figure
-
     fig = plot(points, spec.get("title", ""))
     png = save_figure(fig, out_dir, "learning_curve")
     import matplotlib.pyplot as plt
