@@ -83,6 +83,8 @@ def test_train_bad_value_is_one_line(args, needles, tmp_path):
     (["experiment=nope"], ["experiment/nope"]),
     (["prepare.until=bake"], ["prepare.until='bake'"]),
     (["prepare.demos.per_task=0"], ["prepare.demos.per_task=0"]),
+    (["prepare.demos.task_demos={8: 0}"], ["prepare.demos.task_demos", ">= 1"]),
+    (["prepare.demos.task_demos=[8]"], ["prepare.demos.task_demos=[8]"]),
     (["--adopt"], ["--adopt needs a step"]),
 ])
 def test_prepare_bad_value_is_one_line(args, needles, tmp_path):

@@ -293,6 +293,45 @@ def test_collect_suite_small(tmp_path, monkeypatch):
     shutil.rmtree(out)
 
 
+def test_demos_wanted_per_task_counts():
+    """``task_demos`` replaces the default count for the tasks it names and refuses unknown ids or counts < 1."""
+    from rsd.data.collect import demos_wanted
+
+    assert demos_wanted([0, 8, 9], 50, {8: 100}, 10) == {0: 50, 8: 100, 9: 50}
+    assert demos_wanted([0], 50, {8: 100}, 10) == {0: 50}  # a task not collected is not asked for
+    assert demos_wanted([0, 1], 3, None, 10) == {0: 3, 1: 3}
+    with pytest.raises(ValueError, match="0..9"):
+        demos_wanted([0], 50, {10: 5}, 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        demos_wanted([0], 50, {0: 0}, 10)
+
+
+@pytest.mark.sim
+def test_collect_suite_task_demos_collects_more_for_one_task(tmp_path, monkeypatch):
+    """``task_demos={0: 2}`` with ``demos_per_task=1``: task 0's file holds 2 demos and says 2 were requested; a
+    rerun asking for the same is skipped."""
+    from rsd.data import collect
+
+    out = tmp_path / "demos"
+    summary = collect.collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, progress=False,
+                                    task_demos={0: 2})
+    row = summary["tasks"][0]
+    assert row["successes"] == 2
+    demo = read_demo_file(out / SUITE / f"{row['name']}_demo.hdf5")
+    assert demo.num_demos == 2 and int(demo.attrs["rsd_demos_requested"]) == 2
+    calls = []
+    real = collect.run_attempt
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collect, "run_attempt", counting)
+    again = collect.collect_suite(SUITE, demos_per_task=1, tasks=[0], workers=0, out_dir=out, progress=False,
+                                  task_demos={0: 2})
+    assert again["tasks"][0]["skipped"] and not calls
+
+
 @pytest.mark.sim
 def test_expert_libero_object_episode():
     """libero_object: the object goes into the basket (target: the simulator site basket_1_contain_region)."""

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -364,6 +364,7 @@ def collect_suite(
     init_source: str = "generated",
     scene_seed: int = 100_000,
     action_noise: float = 0.0,
+    task_demos: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Collect expert demos for ``tasks`` of ``suite`` (all when None) into ``{out_dir}/{suite}/``.
 
@@ -371,6 +372,8 @@ def collect_suite(
     ``official`` (the fixed init states, which evaluation uses: such data is not held out).
     ``action_noise``: std of the DART noise the env executes on top of the expert's action (``rsd.data.record``;
     0 = none); the demos keep the expert's own actions as labels.
+    ``task_demos``: demos wanted for some tasks instead of ``demos_per_task`` (``{task_id: n}``), to put more data
+    where a policy fails most.
 
     Returns the summary (also saved as ``collect_summary.json`` / ``.md`` in that folder): per task
     ``task_id, name, attempts, successes, success_rate, mean_episode_length, failed_init_states, file``
@@ -389,6 +392,7 @@ def collect_suite(
     suite_dir = out_root / suite
     suite_dir.mkdir(parents=True, exist_ok=True)
     task_ids = list(range(num_tasks(suite))) if tasks is None else [int(t) for t in tasks]
+    wanted = demos_wanted(task_ids, demos_per_task, task_demos, num_tasks(suite))
 
     stats_by_task: dict[int, dict] = {}
     runs: dict[int, _TaskRun] = {}
@@ -396,7 +400,7 @@ def collect_suite(
         task = get_task(suite, tid)
         path = demo_path(out_root, suite, task.name)
         if path.exists() and not overwrite:
-            existing = _existing_stats(path, demos_per_task, images, init_source, action_noise)
+            existing = _existing_stats(path, wanted[tid], images, init_source, action_noise)
             if existing is not None:
                 existing.setdefault("task_id", tid)
                 existing.setdefault("name", task.name)
@@ -404,7 +408,7 @@ def collect_suite(
                 log.info("task %d: %s already has enough demos, skipped", tid, path.name)
                 continue
         n_init = len(get_init_states(suite, tid))
-        runs[tid] = _TaskRun(suite, tid, task.name, n_init, demos_per_task, max_attempts,
+        runs[tid] = _TaskRun(suite, tid, task.name, n_init, wanted[tid], max_attempts,
                              suite_dir / ".parts" / task.name, images, init_source, scene_seed, action_noise)
 
     def finish(run: _TaskRun) -> None:
@@ -414,7 +418,7 @@ def collect_suite(
         if kept:
             write_demo_file(
                 path, task, (_load_part(run.parts_dir, i, run.records[i]) for i in kept), images=images,
-                resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, demos_per_task, stats, action_noise),
+                resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, run.demos, stats, action_noise),
             )
             stats["file"] = str(path)
             shutil.rmtree(run.parts_dir, ignore_errors=True)
@@ -423,7 +427,7 @@ def collect_suite(
         stats["skipped"] = False
         stats_by_task[run.task_id] = stats
 
-    bar = progress_bar(total=sum(min(r.limit, demos_per_task) for r in runs.values()), desc="expert episodes",
+    bar = progress_bar(total=sum(min(r.limit, r.demos) for r in runs.values()), desc="expert episodes",
                        enabled=progress)
     for r in runs.values():  # attempts recorded by an interrupted run
         if bar is not None and r.records:
@@ -491,6 +495,17 @@ def collect_suite(
         _write_summary(summary, suite_dir)
     print(format_table(summary))
     return summary
+
+
+def demos_wanted(task_ids: Sequence[int], demos_per_task: int, task_demos: Mapping[int, int] | None,
+                 n_tasks: int) -> dict[int, int]:
+    """Demos to collect per task: ``demos_per_task``, or ``task_demos[t]`` where given (checked: known task ids,
+    counts >= 1)."""
+    extra = {int(t): int(n) for t, n in (task_demos or {}).items()}
+    bad = {t: n for t, n in extra.items() if not 0 <= t < n_tasks or n < 1}
+    if bad:
+        raise ValueError(f"task_demos {bad}: task ids must be in 0..{n_tasks - 1} and counts >= 1")
+    return {t: extra.get(t, int(demos_per_task)) for t in task_ids}
 
 
 def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: dict[str, Any],
@@ -607,6 +622,7 @@ def main() -> None:
             init_source=str(c.get("init_source", "generated")),
             scene_seed=int(c.get("scene_seed", 100_000)),
             action_noise=float(c.get("action_noise", 0.0)),
+            task_demos=c.get("task_demos"),
         )
 
     _run()

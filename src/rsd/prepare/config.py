@@ -42,6 +42,14 @@ def check_prepare_config(cfg: DictConfig) -> None:
     if p.get("suite") not in MAX_STEPS:
         raise ConfigError(f"prepare.suite={p.get('suite')!r} (from data.suite): unknown; one of {'|'.join(MAX_STEPS)}")
     positive(cfg, "prepare.demos.per_task")
+    task_demos = p.demos.get("task_demos")
+    if task_demos is not None:
+        if not isinstance(task_demos, DictConfig):
+            raise ConfigError(f"prepare.demos.task_demos={task_demos!r}: must be a mapping {{task_id: demos}} or null")
+        for tid, n in task_demos.items():
+            if not str(tid).isdigit() or not is_int(n) or n < 1:  # ids are range-checked by the collector
+                raise ConfigError(f"prepare.demos.task_demos={dict(task_demos)!r}: keys are task ids, values "
+                                  "integers >= 1")
     positive(cfg, "prepare.demos.workers", low=0)  # 0: collect in this process
     positive(cfg, "prepare.distill.batch_size")
     positive(cfg, "prepare.distill.soft_layers")

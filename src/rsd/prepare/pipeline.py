@@ -124,12 +124,15 @@ def make_steps(cfg: DictConfig) -> dict[str, Step]:
         noise = float(d.get("action_noise", 0.0))
         if noise:  # only then, so clean demos keep the identity they had before the option existed
             demos_cfg["action_noise"] = noise
+        task_demos = {int(t): int(n) for t, n in (_plain(d.get("task_demos")) or {}).items()}
+        if task_demos:  # likewise: only then
+            demos_cfg["task_demos"] = {str(t): n for t, n in sorted(task_demos.items())}
 
         def build_demos(_: Mapping[str, dict]) -> list[str]:
             folder = Path(d.dir)
             collect_suite(suite, int(d.per_task), tasks=_plain(d.tasks), workers=int(d.workers),
                           out_dir=str(folder.parent), overwrite=True, progress=progress,
-                          scene_seed=int(d.scene_seed), action_noise=noise)
+                          scene_seed=int(d.scene_seed), action_noise=noise, task_demos=task_demos)
             if folder.name != suite:
                 raise ValueError(f"prepare.demos.dir must end with the suite name ({suite}), got {folder}")
             return sorted(f.name for f in folder.glob("*_demo.hdf5"))
