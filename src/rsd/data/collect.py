@@ -5,7 +5,7 @@
 
 Held out by default (``init_source=generated``): attempt i of task t starts from a *new* initial scene,
 drawn from the task's own placement distribution by ``env.seed(scene_seed + 1000 * t + i)`` and
-``env.reset()``; a scene that coincides with one of the task's official init states (max |state diff|
+``env.reset()`` (``rsd.envs.libero_env.seeded_reset``: the same scene whatever the worker ran before); a scene that coincides with one of the task's official init states (max |state diff|
 below :data:`rsd.data.heldout.SAME_SCENE_TOL`) is rejected, because the official states are reserved for
 evaluation. Every demo records its seed and scene state (``rsd_scene_seed``, ``rsd_scene_state``,
 ``rsd_init_source``). ``init_source=official`` records from the fixed init states 0, 1, 2, ... instead
@@ -46,7 +46,7 @@ from rsd.data.libero_hdf5 import (
 )
 from rsd.data.record import noise_scales, run_expert_episode
 from rsd.envs.expert import SUPPORTED_SUITES
-from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks, scene_seed_for
+from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks, scene_seed_for, seeded_reset
 from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
 from rsd.utils.progress import progress_bar
 
@@ -108,8 +108,7 @@ def _scene(env, init_states: np.ndarray, init_source: str, task_id: int, index: 
         return np.asarray(init_states[index], dtype=np.float64), {"init_source": "official",
                                                                    "official_index": int(index)}
     seed = scene_seed_for(seed_base, task_id, index)
-    env.seed(seed)
-    env.reset()
+    seeded_reset(env, seed)
     scene = env.sim.get_state().flatten().copy()
     nearest, dist = nearest_scene(scene, init_states)
     return scene, {"init_source": "generated", "scene_seed": seed, "nearest_official": nearest,
@@ -520,7 +519,7 @@ def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: d
         "rsd_collect_stats": stats,
     }
     if init_source == "generated":
-        attrs["rsd_recording"] = ("env.seed(rsd_scene_seed), env.reset() (a new scene from the task's placement "
+        attrs["rsd_recording"] = ("env.seed(rsd_scene_seed), env.reset() by rsd.envs.libero_env.seeded_reset (a new scene from the task's placement "
                                   "distribution, recorded as rsd_scene_state, rejected if it coincides with an "
                                   "official init state), then 10 unrecorded no-op warm-up steps; init_state == "
                                   "states[0]")

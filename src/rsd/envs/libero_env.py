@@ -71,6 +71,36 @@ def make_env(task: TaskSpec, images: bool = False, resolution: int = 256):
     return env
 
 
+def _property_samplers_per_load(samplers: list) -> int:
+    """How many entries of LIBERO's ``object_property_initializers`` one model load adds: the list is that
+    sequence repeated once per load, so its shortest period (by sampler type and name)."""
+    keys = [(type(s).__name__, getattr(s, "name", None)) for s in samplers]
+    for n in range(1, len(keys) + 1):
+        if len(keys) % n == 0 and all(keys[i] == keys[i % n] for i in range(len(keys))):
+            return n
+    return 0
+
+
+def seeded_reset(env, seed: int | None):
+    """``env.seed(seed)`` (when given) and ``env.reset()``, drawing the scene a fresh env draws for that seed,
+    whatever this env did before; returns the reset's observation.
+
+    Why: at every (hard) reset LIBERO's ``_add_placement_initializer`` appends the articulated objects'
+    samplers (``OpenCloseSampler``, ``TurnOnOffSampler``: the wooden cabinet, the stove) to
+    ``object_property_initializers`` again and never clears the list, and ``_reset_internal`` runs all of them
+    before placing the fixtures and objects: each reset draws one more random number per such object, so the
+    same seed placed the fixtures (and every object after them) by the env's reset count. Cutting the list
+    back to one load's samplers before the reset makes every reset draw like a fresh env's first one.
+    """
+    inner = getattr(env, "env", env)
+    samplers = getattr(inner, "object_property_initializers", None)
+    if isinstance(samplers, list):
+        del samplers[_property_samplers_per_load(samplers):]
+    if seed is not None:
+        env.seed(seed)
+    return env.reset()
+
+
 def reset_to_init_state(env, init_state: np.ndarray | None, num_warmup_steps: int = NUM_WARMUP_STEPS,
                         reset: bool = True, seed: int | None = None) -> dict:
     """Start an episode the way the evaluation protocol does; returns the first observation.
@@ -81,9 +111,9 @@ def reset_to_init_state(env, init_state: np.ndarray | None, num_warmup_steps: in
     of the episode). The evaluation rollout, the demo recorder and the replay check all start here, so
     their episodes begin from the same state.
     """
-    if seed is not None:
+    obs = seeded_reset(env, seed) if reset else None
+    if not reset and seed is not None:
         env.seed(seed)
-    obs = env.reset() if reset else None
     if init_state is not None:
         obs = env.set_init_state(np.asarray(init_state, dtype=np.float64))
     for _ in range(num_warmup_steps):
@@ -98,17 +128,16 @@ def scene_seed_for(seed_base: int, task_id: int, index: int) -> int:
 
 def generate_scenes(task: TaskSpec, count: int, seed_base: int) -> np.ndarray:
     """``[count, S]`` new start scenes of ``task``: scene ``i`` is the state after ``env.seed(scene_seed_for(
-    seed_base, task, i))`` and ``env.reset()`` (the task's own placement distribution), drawn in order in one
-    fresh env, so the same arguments give the same scenes (fixture placement depends on the env's reset
-    count, README "Limits"). Used for evaluation states apart from the official ones (a selection set)."""
+    seed_base, task, i))`` and ``env.reset()`` (the task's own placement distribution) by :func:`seeded_reset`,
+    so scene ``i`` depends only on (task, seed, i). Used for evaluation states apart from the official ones
+    (a selection set)."""
     if not 0 <= count <= 1000:
         raise ValueError(f"generated scenes per task must be in 0..1000 (seeds are 1000 apart), got {count}")
     env = make_env(task)
     try:
         scenes = []
         for i in range(count):
-            env.seed(scene_seed_for(seed_base, task.task_id, i))
-            env.reset()
+            seeded_reset(env, scene_seed_for(seed_base, task.task_id, i))
             scenes.append(env.sim.get_state().flatten().copy())
     finally:
         env.close()
