@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from rsd.policies.harness import NoopPolicy
+from rsd.policies.harness import ExpertPolicy, NoopPolicy
 from rsd.policies.lineage import no_training_data
 
 
@@ -101,3 +101,24 @@ def make_stats_policy(spec: dict) -> StatsPolicy:
 
 
 make_stats_policy.training_data = lambda spec: no_training_data("a test harness policy")  # learned nothing
+
+
+class ModeSplitPolicy(ExpertPolicy):
+    """The scripted expert in the speculative mode; in the baseline it raises at its first action (a failed
+    episode): every pair is discordant in the speculative mode's favour (the sequential test's decision)."""
+
+    def reset(self, task, mode, trial=0):
+        super().reset(task, mode, trial)
+        self.mode = mode
+
+    def act(self, obs, instruction):
+        if self.mode == "baseline":
+            raise RuntimeError("the harness's baseline fails at once")
+        return super().act(obs, instruction)
+
+
+def make_mode_split_policy(spec: dict) -> ModeSplitPolicy:
+    return ModeSplitPolicy()
+
+
+make_mode_split_policy.training_data = lambda spec: no_training_data("a test harness policy")

@@ -49,6 +49,8 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
     (["policy=expert", "+policy.depth=4"], ["policy=expert does not honour policy.depth=4"]),
     (["policy=nope"], ["policy/nope", "engine"]),
     (["policy=vla_llm"], ["policy=vla_llm needs ckpt="]),
+    (["sequential=true"], ["sequential=true", "mode=both"]),
+    (["mode=both", "sequential=true", "sequential_alpha=1.5"], ["sequential_alpha=1.5", "(0, 1)"]),
 ])
 def test_evaluate_bad_value_is_one_line(args, needles, tmp_path):
     proc = _run([*EVALUATE, *args, "wandb=false"], tmp_path)

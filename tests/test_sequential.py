@@ -5,12 +5,17 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rsd import PROJECT_ROOT
 from rsd.analysis.sequential import (
+    PairedStop,
     SequentialMcNemar,
     confidence_sequence,
     log_e_value,
@@ -18,6 +23,7 @@ from rsd.analysis.sequential import (
     replay,
     replay_dirs,
 )
+from rsd.eval.runner import build_jobs, load_records
 
 ALPHA = 0.05
 RUNS = 2000
@@ -134,3 +140,77 @@ def test_replay_of_committed_records_says_where_it_would_have_stopped(tmp_path: 
     same = [{**r, "mode": "baseline"} for r in spec]
     undecided = replay(spec, same)
     assert not undecided["decided"] and undecided["pairs_used"] == 200 and undecided["e_value"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- stop of a running evaluation
+def _rec(task: int, trial: int, mode: str, success: bool) -> dict:
+    return {"suite": "libero_spatial", "task_id": task, "trial": trial, "mode": mode, "success": success}
+
+
+def _outcome(task: int, trial: int, mode: str) -> bool:
+    """Speculative always succeeds; the baseline succeeds on even trials of task 0 only (some concordant pairs)."""
+    return mode == "speculative" or (task == 0 and trial % 2 == 0)
+
+
+def test_trial_major_work_list() -> None:
+    jobs = build_jobs("libero_spatial", [0, 1], [0, 1], ["speculative", "baseline"], order="trial")
+    assert [(j.task_id, j.trial, j.mode) for j in jobs][:4] == [
+        (0, 0, "speculative"), (0, 0, "baseline"), (1, 0, "speculative"), (1, 0, "baseline")]
+    with pytest.raises(ValueError, match="order"):
+        build_jobs("libero_spatial", [0], [0], ["baseline"], order="random")
+
+
+def test_paired_stop_counts_pairs_in_work_list_order_whatever_the_arrival() -> None:
+    jobs = build_jobs("libero_spatial", [0, 1, 2], list(range(10)), ["speculative", "baseline"], order="trial")
+    keys = [j.key for j in jobs]
+    reference = SequentialMcNemar(alpha=ALPHA)
+    expected = None
+    for j in jobs[::2]:  # the pairs in work-list order, straight into the test
+        d = reference.update(_outcome(j.task_id, j.trial, "speculative"), _outcome(j.task_id, j.trial, "baseline"))
+        if d.decided:
+            expected = d.decided_at
+            break
+    assert expected is not None and expected < len(jobs) // 2
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # workers finish in any order: the decision is the same
+        stop = PairedStop("speculative", "baseline", alpha=ALPHA)
+        stop.set_order(keys)
+        for i in rng.permutation(len(jobs)):
+            j = jobs[i]
+            stop.add(_rec(j.task_id, j.trial, j.mode, _outcome(j.task_id, j.trial, j.mode)))
+        s = stop.summary()
+        assert stop.done and s["decided_at_pair"] == expected and s["pairs_used"] == expected
+        assert s["winner"] == "A" and s["episodes_used"] == 2 * expected and s["pairs_total"] == 30
+    early = PairedStop("speculative", "baseline", alpha=ALPHA)
+    early.set_order(keys)
+    for j in jobs[1:]:  # the first pair's speculative episode is missing: nothing counts yet
+        early.add(_rec(j.task_id, j.trial, j.mode, _outcome(j.task_id, j.trial, j.mode)))
+    assert not early.done and early.summary()["pairs_used"] == 0
+    with pytest.raises(ValueError, match="mode=both"):
+        PairedStop("speculative", "baseline").set_order([k for k in keys if k[3] == "baseline"])
+
+
+@pytest.mark.sim
+def test_evaluate_sequential_stops_once_decided_and_resumes_decided(tmp_path: Path) -> None:
+    """A harness policy whose speculative mode is the expert and whose baseline fails: with alpha 0.25 the
+    test decides at pair 5 (2^5 / 6 >= 4), i.e. after trials 0-2 of task 0 and 0-1 of task 1 (trial-major)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+               WANDB_SILENT="true")
+    cmd = [sys.executable, str(PROJECT_ROOT / "evaluate.py"), f"out_dir={out}", "tasks=[0,1]", "trials=10",
+           "mode=both", "sequential=true", "sequential_alpha=0.25", "workers=2", "progress=false", "wandb=false",
+           "policy.factory=harness_policies:make_mode_split_policy"]
+    first = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Decided at pair 5 of 20 (10 of 40 episodes): speculative better" in first.stdout, first.stdout[-2000:]
+    seq = json.loads((out / "summary.json").read_text())["sequential"]
+    assert seq["decided"] and seq["decided_at_pair"] == 5 and seq["winner"] == "A" and seq["only_a"] == 5
+    recs = load_records(out)
+    keys = {(r["task_id"], r["trial"], r["mode"]) for r in recs}
+    needed = {(t, i, m) for t, i in [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)] for m in ("speculative", "baseline")}
+    assert needed <= keys and len(recs) <= 12  # at most one episode per other worker ran past the decision
+    assert all(r["success"] == (r["mode"] == "speculative") for r in recs)
+    again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["new_episodes"] == 0 and summary["sequential"]["decided_at_pair"] == 5

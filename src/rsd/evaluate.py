@@ -27,6 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rsd.analysis.sequential import PairedStop
 from rsd.envs.libero_env import INIT_SOURCES, MAX_STEPS
 from rsd.eval.shard import parse_shard, shard_dirname
 from rsd.policies.base import EVAL_MODES
@@ -156,9 +157,18 @@ def check_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={device!r}: must be auto | cpu | cuda | cuda:<index> | mps")
     if cfg.get("wandb_mode") not in (None, "online", "offline", "disabled"):
         raise ConfigError(f"wandb_mode={cfg.get('wandb_mode')!r}: must be null, online, offline or disabled")
-    for key in ("wandb", "retry_errors", "resume_check", "progress", "allow_train_states"):
+    for key in ("wandb", "retry_errors", "resume_check", "progress", "allow_train_states", "sequential"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key}={cfg.get(key)!r}: must be true or false")
+    if cfg.get("sequential", False):
+        if mode != "both":
+            raise ConfigError(f"sequential=true compares two modes on the same init states: needs mode=both, "
+                              f"got mode={mode}")
+        if cfg.get("shard") is not None:
+            raise ConfigError("sequential=true decides on the whole work list in one run: drop shard=...")
+    alpha = cfg.get("sequential_alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ConfigError(f"sequential_alpha={alpha!r}: must be a number in (0, 1), e.g. 0.05")
     if cfg.get("shard") is not None:
         try:
             parse_shard(cfg.shard)
@@ -196,6 +206,8 @@ def evaluate(cfg: DictConfig) -> dict:
     spec = resolve_policy_spec(_container(cfg.policy))
     log.info("Evaluating %s (%s) -> %s", cfg.suite, spec.get("factory"), out_dir)
     code = code_version()  # the code the episodes run with (taken before they start, not when they end)
+    sequential = bool(cfg.get("sequential", False))
+    stop = PairedStop(*EVAL_MODES, alpha=float(cfg.sequential_alpha)) if sequential else None
     run = run_evaluation(
         suite=cfg.suite, policy_spec=spec, out_dir=out_dir, tasks=_container(cfg.tasks),
         trials=_container(cfg.trials), mode=cfg.mode, workers=resolve_workers(cfg.workers, str(cfg.device)),
@@ -205,7 +217,7 @@ def evaluate(cfg: DictConfig) -> dict:
         resume_check=bool(cfg.resume_check), shard=cfg.get("shard"),
         allow_train_states=bool(cfg.get("allow_train_states", False)),
         init_source=str(cfg.get("init_source", "official")), scene_seed=int(cfg.get("scene_seed", 900_000)),
-        scenes_dir=cfg.paths.get("eval_scenes_dir"),
+        scenes_dir=cfg.paths.get("eval_scenes_dir"), order="trial" if sequential else "task", stop=stop,
     )
     log.info(run.heldout["line"])
     summary = summarize(run.records, suite=cfg.suite, extra={
@@ -214,11 +226,19 @@ def evaluate(cfg: DictConfig) -> dict:
         "max_steps": run.max_steps, "heldout": run.heldout, "artifacts": policy_artifacts(spec),
         "code": code, "machine": machine_info(),
         "init_source": str(cfg.get("init_source", "official")),
-        **({"scene_seed": int(cfg.scene_seed)} if cfg.get("init_source") == "generated" else {}), **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
+        **({"scene_seed": int(cfg.scene_seed)} if cfg.get("init_source") == "generated" else {}),
+        **({"shard": str(cfg.shard)} if cfg.get("shard") is not None else {}),
+        **({"sequential": stop.summary()} if stop is not None else {}),
     })
     write_summary(out_dir, summary)
     print_summary(summary)
-    if not summary["complete"]:
+    if stop is not None and stop.done:
+        seq = summary["sequential"]
+        log.info("Sequential test decided at pair %d of %d (%d of %d episodes): %s better (e-value %.1f >= %g)",
+                 seq["decided_at_pair"], seq["pairs_total"], seq["episodes_used"], seq["episodes_total"],
+                 seq["mode_a"] if seq["winner"] == "A" else seq["mode_b"], seq["e_value_at_decision"],
+                 seq["threshold"])
+    elif not summary["complete"]:
         log.warning("%d of %d episodes done; rerun with out_dir=%s to finish", len(run.records), run.total,
                     out_dir)
     if cfg.wandb and run.records:

@@ -175,6 +175,61 @@ class SequentialMcNemar:
                 "e_value_at_decision": d.e_value if d else None}
 
 
+# ------------------------------------------------------------------------------- stop of a running evaluation
+class PairedStop:
+    """``mode=both sequential=true``: the stop rule of a running evaluation (:func:`rsd.eval.runner.run_evaluation`
+    takes it as ``stop``).
+
+    The runner names its work list (:meth:`set_order`) and hands over every record, old (resume) and new
+    (:meth:`add`), in whatever order workers finish them. The pairs enter :class:`SequentialMcNemar` in
+    *work-list* order: a pair counts once both of its episodes are recorded and every earlier pair has counted,
+    so the order the test sees is fixed before any outcome (a faster mode or a shorter episode cannot reorder
+    it) and the decision is the same for any number of workers. :attr:`done` turns True at the first pair where
+    the e-value reaches ``1/alpha``; the runner then starts no new episode (the ones running finish and are
+    recorded, beyond the decided prefix).
+    """
+
+    def __init__(self, mode_a: str, mode_b: str, alpha: float = ALPHA, prior: float = 1.0) -> None:
+        self.mode_a, self.mode_b = mode_a, mode_b
+        self.test = SequentialMcNemar(alpha, prior)
+        self._order: list[tuple] = []
+        self._next = 0
+        self._outcomes: dict[tuple, bool] = {}
+
+    def set_order(self, keys: Sequence[tuple]) -> None:
+        """The work list's ``(suite, task_id, trial, mode)`` keys, in order; a pair is ordered by its A episode."""
+        modes = {k[3] for k in keys}
+        if not {self.mode_a, self.mode_b} <= modes:
+            raise ValueError(f"a sequential comparison needs both {self.mode_a} and {self.mode_b} episodes in the "
+                             f"work list (mode=both); it has {sorted(modes)}")
+        self._order = [tuple(k[:3]) for k in keys if k[3] == self.mode_a]
+        self._advance()
+
+    def add(self, rec: Mapping[str, Any]) -> None:
+        key = (rec["suite"], int(rec["task_id"]), int(rec["trial"]), rec["mode"])
+        self._outcomes[key] = bool(rec.get("success"))
+        self._advance()
+
+    def _advance(self) -> None:
+        while self._next < len(self._order) and not self.test.decided:
+            pair = self._order[self._next]
+            a, b = self._outcomes.get((*pair, self.mode_a)), self._outcomes.get((*pair, self.mode_b))
+            if a is None or b is None:
+                return
+            self.test.update(a, b)
+            self._next += 1
+
+    @property
+    def done(self) -> bool:
+        return self.test.decided
+
+    def summary(self) -> dict[str, Any]:
+        """:meth:`SequentialMcNemar.summary` with the modes and how much of the work list it needed."""
+        used = self.test.n
+        return {**self.test.summary(), "mode_a": self.mode_a, "mode_b": self.mode_b, "pairs_used": used,
+                "episodes_used": 2 * used, "pairs_total": len(self._order), "episodes_total": 2 * len(self._order)}
+
+
 # ---------------------------------------------------------------------------------- replay of records
 def read_records(path: str | Path) -> list[dict]:
     """Episode records of ``episodes.jsonl`` / ``episodes.jsonl.gz`` (a file or a folder holding one), in

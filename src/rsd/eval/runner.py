@@ -60,6 +60,7 @@ EPISODES_FILE = "episodes.jsonl"
 RUN_FILE = "eval_run.json"
 SCENES_FILE = "init_states.npz"  # init_source=generated: the scenes every worker reads (task_<id>: [N, S], seed_base)
 HELDOUT_FILE = "heldout.json"  # the held-out verdict of the run, written before its first episode
+MAX_TASK_ENVS = 10  # a worker keeps the envs of this many tasks (one suite's; libero_90 switches)
 VIDEO_DIR = "videos"
 
 
@@ -121,9 +122,20 @@ def parse_video(video: Any, trials: Sequence[int]) -> set[int]:
     return {int(v) for v in video}
 
 
+#: Work-list orders: ``task`` = every trial of task 0, then of task 1, ... (each worker keeps one env);
+#: ``trial`` = trial 0 of every task, then trial 1, ... (a sequential comparison that stops early has then seen
+#: every task about equally often).
+JOB_ORDERS = ("task", "trial")
+
+
 def build_jobs(suite: str, task_ids: Iterable[int], trials: Sequence[int], modes: Sequence[str],
-               video_trials: set[int] | None = None) -> list[Job]:
+               video_trials: set[int] | None = None, order: str = "task") -> list[Job]:
+    if order not in JOB_ORDERS:
+        raise ValueError(f"order must be one of {JOB_ORDERS}, got {order!r}")
     video_trials = video_trials or set()
+    task_ids = list(task_ids)
+    if order == "trial":
+        return [Job(suite, int(t), int(i), m, i in video_trials) for i in trials for t in task_ids for m in modes]
     return [Job(suite, int(t), int(i), m, i in video_trials) for t in task_ids for i in trials for m in modes]
 
 
@@ -235,7 +247,8 @@ class EpisodeWorker:
     _task_id: tuple | None = None
     _task: TaskSpec | None = None
     _init_states: np.ndarray | None = None
-    _envs: dict = field(default_factory=dict)
+    _tasks: dict = field(default_factory=dict)  # (suite, task_id) -> (TaskSpec, init states)
+    _envs: dict = field(default_factory=dict)  # (suite, task_id, kind) -> env, the last MAX_TASK_ENVS tasks'
 
     def _ensure_policy(self) -> Any:
         if self.policy is None:
@@ -248,23 +261,45 @@ class EpisodeWorker:
         return self.policy
 
     def _set_task(self, suite: str, task_id: int) -> None:
-        if self._task_id == (suite, task_id):
+        """Make ``task_id`` current. Its envs are kept while the worker runs other tasks (a trial-major work list
+        switches task every episode; a seeded reset does not depend on what an env ran before), up to the last
+        :data:`MAX_TASK_ENVS` tasks."""
+        key = (suite, task_id)
+        if self._task_id == key:
             return
-        self.close_envs()
         self._task_id = None
-        self._task = get_task(suite, task_id)
-        if self.scenes_file:
-            with np.load(self.scenes_file) as scenes:
-                self._init_states = scenes[f"task_{task_id}"]
-        else:
-            self._init_states = get_init_states(suite, task_id)
-        self._task_id = (suite, task_id)
+        if key not in self._tasks:
+            task = get_task(suite, task_id)
+            if self.scenes_file:
+                with np.load(self.scenes_file) as scenes:
+                    states = scenes[f"task_{task_id}"]
+            else:
+                states = get_init_states(suite, task_id)
+            self._tasks[key] = (task, states)
+        self._task, self._init_states = self._tasks[key]
+        self._task_id = key
+        kept = list(dict.fromkeys(k[:2] for k in self._envs))
+        if key in kept:
+            kept.remove(key)
+        for old in kept[: max(0, len(kept) - (MAX_TASK_ENVS - 1))]:  # the tasks used longest ago go
+            self._close_task_envs(old)
+
+    def _close_task_envs(self, task_key: tuple) -> None:
+        for k in [k for k in self._envs if k[:2] == task_key]:
+            env = self._envs.pop(k)
+            try:
+                env.close()
+            except Exception:  # a broken env must not stop the run
+                log.debug("env.close failed", exc_info=True)
 
     def _env(self, images: bool, video: bool) -> Any:
         kind = "images" if images else ("video" if video else "physics")
-        if kind not in self._envs:
-            self._envs[kind] = make_video_env(self._task) if kind == "video" else make_env(self._task, images)
-        return self._envs[kind]
+        key = (*self._task_id, kind)
+        env = self._envs.pop(key, None)  # re-inserted: the dict's order is the order of last use
+        if env is None:
+            env = make_video_env(self._task) if kind == "video" else make_env(self._task, images)
+        self._envs[key] = env
+        return env
 
     def close_envs(self) -> None:
         for env in self._envs.values():
@@ -478,11 +513,14 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                    progress: bool = True, threads_per_worker: int | None = None, resume_check: bool = True,
                    max_worker_restarts: int | None = None, shard: str | Sequence[int] | None = None,
                    allow_train_states: bool = False, init_source: str = "official",
-                   scene_seed: int = 900_000, scenes_dir: str | Path | None = None) -> EvalRun:
+                   scene_seed: int = 900_000, scenes_dir: str | Path | None = None, order: str = "task",
+                   stop: Any = None) -> EvalRun:
     """Run (or resume) an evaluation; see the module docstring. Returns all records of the work list.
     ``shard="i/n"`` runs only part i of n of the work list (``rsd.eval.shard``; merge: ``rsd.eval.merge``).
     The init states must be held out from the policy's training data (:func:`check_held_out`, for every
-    policy factory) unless ``allow_train_states``."""
+    policy factory) unless ``allow_train_states``. ``order``: :data:`JOB_ORDERS`. ``stop``: an early-stop
+    rule (``set_order(keys)``, ``add(record)``, ``done``; e.g. ``rsd.analysis.sequential.PairedStop``) that sees
+    every record, old and new; once ``done``, no new episode starts."""
     if suite not in MAX_STEPS:
         raise ValueError(f"unknown suite {suite!r}; one of {sorted(MAX_STEPS)}")
     out_dir = Path(out_dir)
@@ -501,9 +539,11 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
         raise ValueError(f"trial {trial_list[-1]} needs init state {trial_list[-1]}, but {suite} tasks have "
                          f"{n_init} init states (trials=N allows N <= {n_init})")
     modes = parse_modes(mode)
-    jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list))
+    jobs = build_jobs(suite, task_ids, trial_list, modes, parse_video(video, trial_list), order)
     shard_info = None
     if shard is not None:  # one part of an evaluation spread over processes / machines
+        if stop is not None:
+            raise ValueError("an early-stop rule needs the whole work list in one run: not with shard")
         jobs, shard_info = select_shard(jobs, shard)
 
     identity = {"suite": suite, "max_steps": MAX_STEPS[suite] if max_steps is None else int(max_steps),
@@ -546,6 +586,14 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
     if skipped:
         log.info("Resuming in %s: %d of %d episodes already done%s", out_dir, skipped, len(jobs),
                  f" ({dropped_errors} errored episodes rerun)" if dropped_errors else "")
+    if stop is not None:
+        stop.set_order([j.key for j in jobs])
+        for j in jobs:
+            if j.key in by_key:
+                stop.add(by_key[j.key])
+        if stop.done:
+            log.info("The sequential comparison was decided by the episodes already in %s", out_dir)
+            todo = []
     if max_episodes is not None:
         todo = todo[: max(0, int(max_episodes))]
 
@@ -556,6 +604,8 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
         def on_record(rec: dict) -> None:
             episode_log.append(rec)
             new_records.append(rec)
+            if stop is not None:
+                stop.add(rec)
             if bar is not None:
                 bar.update(1)
                 ok = sum(bool(r["success"]) for r in new_records)
@@ -565,14 +615,15 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
                 log.warning("task %s trial %s %s: error: %s", rec["task_id"], rec["trial"], rec["mode"],
                             rec["error"])
 
+        stopped = (lambda: stop.done) if stop is not None else (lambda: False)
         try:
             if workers <= 0:
-                _run_inline(todo, policy_spec, out_dir, max_steps, on_record, scenes_file)
+                _run_inline(todo, policy_spec, out_dir, max_steps, on_record, scenes_file, stopped)
             else:
                 threads = threads_per_worker or max(1, (os.cpu_count() or 1) // min(workers, len(todo)))
                 _run_pool(todo, policy_spec, out_dir, max_steps, on_record, min(workers, len(todo)), threads,
                           max_worker_restarts if max_worker_restarts is not None else 2 * workers + 2,
-                          scenes_file)
+                          scenes_file, stopped, keep_task=order == "task")
         finally:
             if bar is not None:
                 bar.close()
@@ -584,10 +635,12 @@ def run_evaluation(suite: str, policy_spec: Mapping[str, Any], out_dir: str | Pa
 
 
 def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record,
-                scenes_file: str | None = None) -> None:
+                scenes_file: str | None = None, stopped=lambda: False) -> None:
     worker = EpisodeWorker(policy_spec, str(out_dir), max_steps, scenes_file=scenes_file)
     try:
         for job in todo:
+            if stopped():
+                break
             try:
                 rec = worker.run(job)
             except PolicyBuildError as exc:
@@ -597,11 +650,12 @@ def _run_inline(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: in
         worker.close()
 
 
-def _next_job(pending: deque, last: tuple | None) -> Job | None:
-    """The first pending job of the worker's current task (its env is built), else the first pending."""
+def _next_job(pending: deque, last: tuple | None, keep_task: bool = True) -> Job | None:
+    """The first pending job of the worker's current task (its env is built), else the first pending;
+    ``keep_task=False``: the first pending (the work list's order is kept)."""
     if not pending:
         return None
-    if last is not None:
+    if keep_task and last is not None:
         for i, job in enumerate(pending):
             if (job.suite, job.task_id) == last:
                 del pending[i]
@@ -610,7 +664,8 @@ def _next_job(pending: deque, last: tuple | None) -> Job | None:
 
 
 def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int | None, on_record,
-              workers: int, threads: int, max_restarts: int, scenes_file: str | None = None) -> None:
+              workers: int, threads: int, max_restarts: int, scenes_file: str | None = None,
+              stopped=lambda: False, keep_task: bool = True) -> None:
     ctx = mp.get_context("spawn")
     pending = deque(todo)
     procs: dict[int, Any] = {}  # wid -> Process
@@ -633,7 +688,7 @@ def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int 
         return wid
 
     def dispatch(wid: int) -> None:
-        job = _next_job(pending, last_task.get(wid))
+        job = None if stopped() else _next_job(pending, last_task.get(wid), keep_task)
         if job is None:
             conns[wid].send(None)
             return
@@ -676,7 +731,7 @@ def _run_pool(todo: list[Job], policy_spec: dict, out_dir: Path, max_steps: int 
                 if job is not None:
                     on_record(error_record(job, f"WorkerDied: worker process exited with code {proc.exitcode} "
                                                 f"during the episode", max_steps, worker=wid))
-                if pending and (job is not None or proc.exitcode != 0):  # replace a dead worker
+                if pending and not stopped() and (job is not None or proc.exitcode != 0):  # replace a dead worker
                     restarts += 1
                     if restarts > max_restarts:
                         raise RuntimeError(f"worker processes died {restarts} times; giving up "

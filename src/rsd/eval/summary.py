@@ -346,6 +346,20 @@ def format_guide_summary(summary: Mapping[str, Any]) -> str:
             f"   Identical Action Sequences: {cmp_['identical_actions']} of {cmp_['paired_episodes']}",
             bar,
         ]
+    seq = summary.get("sequential")
+    if seq:
+        lines += ["SEQUENTIAL TEST (anytime-valid mixture SPRT on the discordant pairs, work list trial-major)"]
+        lo, hi = seq["interval_p_only_a"]
+        if seq["decided"]:
+            better = seq["mode_a"] if seq["winner"] == "A" else seq["mode_b"]
+            lines += [f"   Decided at pair {seq['decided_at_pair']} of {seq['pairs_total']} "
+                      f"({seq['episodes_used']} of {seq['episodes_total']} episodes): {better} better, "
+                      f"e-value {seq['e_value_at_decision']:.1f} >= {seq['threshold']:g}",
+                      "   (the fixed-n McNemar p above is not valid after an early stop; this decision is)"]
+        else:
+            lines += [f"   Undecided after {seq['pairs_used']} of {seq['pairs_total']} pairs (e-value "
+                      f"{seq['e_value']:.2f} < {seq['threshold']:g}): no difference shown"]
+        lines += [f"   P(only {seq['mode_a']} | discordant) in [{lo:.3f}, {hi:.3f}] (confidence sequence)", bar]
     return "\n".join(lines)
 
 
