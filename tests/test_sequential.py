@@ -23,6 +23,7 @@ from rsd.analysis.sequential import (
     replay,
     replay_dirs,
 )
+from rsd.analysis.verify import verify
 from rsd.eval.runner import build_jobs, load_records
 
 ALPHA = 0.05
@@ -214,3 +215,10 @@ def test_evaluate_sequential_stops_once_decided_and_resumes_decided(tmp_path: Pa
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["new_episodes"] == 0 and summary["sequential"]["decided_at_pair"] == 5
+    # the verifier replays the decision from the records (a harness policy loads no artifact: provenance
+    # lines are expected, none about the sequential test)
+    assert not [f for f in verify([out]).failures if "sequential" in f]
+    summary["sequential"]["decided_at_pair"] = 4
+    (out / "summary.json").write_text(json.dumps(summary))
+    report = verify([out])
+    assert not report.ok and any("sequential.decided_at_pair" in f for f in report.failures), report.failures

@@ -10,6 +10,8 @@ episode wins, as when the runner resumes) and recomputes, independently of the s
 - the paired comparison (``comparison``) of a ``mode=both`` run: paired episodes, both / only speculative /
   only baseline / neither, both success rates with their intervals, the difference, the exact McNemar p
   and its verdict;
+- the sequential test of a ``sequential=true`` run (``sequential``): replayed on the pairs in the run's
+  trial-major order, where it decided (pair, winner, counts at the decision);
 - in an ``operating_points.json``: each point's successes, rate, Wilson interval and paired table /
   McNemar p against the baseline evaluation it names (``eval_dir``, ``baseline_eval``: paths relative to
   the repository root or to the file), from those folders' records.
@@ -47,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd import PROJECT_ROOT
-from rsd.analysis.sequential import read_records
+from rsd.analysis.sequential import SequentialMcNemar, read_records
 from rsd.analysis.stats import ALPHA, mcnemar_exact, pair_records, wilson_interval
 
 SUMMARY = "summary.json"
@@ -147,6 +149,22 @@ def paired_numbers(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]
             "mcnemar_p": p, "significant": p < ALPHA}
 
 
+def sequential_numbers(records: Sequence[Mapping[str, Any]], mode_a: str, mode_b: str, alpha: float,
+                       prior: float) -> dict[str, Any]:
+    """The sequential test of a ``sequential=true`` run replayed: its pairs in the run's trial-major order
+    (trial 0 of every task, then trial 1, ...), fed until the first decision."""
+    pairs, _, _ = pair_records([r for r in records if r.get("mode") == mode_a],
+                               [r for r in records if r.get("mode") == mode_b])
+    pairs.sort(key=lambda p: (int(p[0]["trial"]), int(p[0]["task_id"])))
+    test = SequentialMcNemar(alpha, prior)
+    for ra, rb in pairs:
+        if test.update(bool(ra.get("success")), bool(rb.get("success"))).decided:
+            break
+    s = test.summary()
+    return {"decided": s["decided"], "decided_at_pair": s["decided_at_pair"], "winner": s["winner"],
+            "pairs_used": test.n, "only_a": s["only_a"], "only_b": s["only_b"]}
+
+
 def _find_hashes(obj: Any) -> list[str]:
     out: list[str] = []
     if isinstance(obj, Mapping):
@@ -237,6 +255,12 @@ def verify_summary(path: Path, report: Report, require_provenance: bool = False,
                              ("baseline_success_ci_high", paired["b_high"]), ("success_rate_diff", paired["diff"]),
                              ("mcnemar_p", paired["mcnemar_p"]), ("significant", paired["significant"])):
                 c.check(f"comparison.{key}", stated.get(key), val)
+    if isinstance(summary.get("sequential"), Mapping):
+        seq = summary["sequential"]
+        c.section("sequential", {k: seq.get(k) for k in ("decided", "decided_at_pair", "winner", "pairs_used",
+                                                         "only_a", "only_b")},
+                  sequential_numbers(records, seq.get("mode_a", "speculative"), seq.get("mode_b", "baseline"),
+                                     float(seq.get("alpha", ALPHA)), float(seq.get("prior", 1.0))))
     check_provenance(summary, where, report, require_provenance)
     report.verified.append(where)
 
