@@ -222,3 +222,15 @@ def test_evaluate_sequential_stops_once_decided_and_resumes_decided(tmp_path: Pa
     (out / "summary.json").write_text(json.dumps(summary))
     report = verify([out])
     assert not report.ok and any("sequential.decided_at_pair" in f for f in report.failures), report.failures
+
+
+def test_replay_in_trial_major_order() -> None:
+    """The replay of a sequential=true run sorts pairs trial-major: A's recorded (task-major) order differs."""
+    a = [_rec(t, i, "speculative", True) for t in range(2) for i in range(6)]
+    b = [_rec(t, i, "baseline", t == 0) for t in range(2) for i in range(6)]  # task 0: concordant
+    recorded = replay(a, b, alpha=0.25)
+    trial = replay(a, b, alpha=0.25, order="trial")
+    assert recorded["decided_at_pair"] == 6 + 5  # 6 concordant pairs of task 0 first, then 5 discordant
+    assert trial["decided_at_pair"] == 10  # alternating tasks: the 5th discordant pair is pair 10
+    with pytest.raises(ValueError, match="order"):
+        replay(a, b, order="shuffled")

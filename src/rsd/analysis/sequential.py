@@ -252,13 +252,18 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def replay(a: Iterable[Mapping[str, Any]], b: Iterable[Mapping[str, Any]], alpha: float = ALPHA,
-           prior: float = 1.0) -> dict[str, Any]:
+           prior: float = 1.0, order: str = "recorded") -> dict[str, Any]:
     """Run :class:`SequentialMcNemar` over the pairs of two sets of episode records (paired by task and init
-    state, in ``a``'s order, i.e. the order they were recorded), and say where it would have stopped.
+    state, in ``a``'s order, i.e. the order they were recorded; ``order="trial"``: trial 0 of every task, then
+    trial 1, ..., the order of a ``sequential=true`` run), and say where it would have stopped.
 
     Returns the summary at the stop (``decided_at_pair``; pairs and episodes it needed, 2 episodes a pair)
     or at the end when undecided, plus ``pairs_total`` / ``episodes_total`` of the full comparison."""
     pairs, _, _ = pair_records(list(a), list(b))
+    if order not in ("recorded", "trial"):
+        raise ValueError(f"order must be recorded or trial, got {order!r}")
+    if order == "trial":
+        pairs.sort(key=lambda p: (int(p[0].get("init_index", p[0].get("trial"))), int(p[0]["task_id"])))
     test = SequentialMcNemar(alpha, prior)
     stop = None
     for ra, rb in pairs:
@@ -273,7 +278,8 @@ def replay(a: Iterable[Mapping[str, Any]], b: Iterable[Mapping[str, Any]], alpha
 
 
 def replay_dirs(a_dir: str | Path, b_dir: str | Path | None = None, mode_a: str = "speculative",
-                mode_b: str = "baseline", alpha: float = ALPHA, prior: float = 1.0) -> dict[str, Any]:
+                mode_b: str = "baseline", alpha: float = ALPHA, prior: float = 1.0, order: str = "recorded"
+                ) -> dict[str, Any]:
     """:func:`replay` of committed records: one folder of a ``mode=both`` run (``mode_a`` vs ``mode_b``), or
     two folders (their ``mode_a`` / ``mode_b`` records; a folder with one mode uses that one)."""
     ra = read_records(a_dir)
@@ -284,7 +290,7 @@ def replay_dirs(a_dir: str | Path, b_dir: str | Path | None = None, mode_a: str 
         want = mode if (b_dir is None or len(modes) > 1) else next(iter(modes))
         return [r for r in recs if r.get("mode") == want]
 
-    return replay(pick(ra, mode_a), pick(rb, mode_b), alpha, prior)
+    return replay(pick(ra, mode_a), pick(rb, mode_b), alpha, prior, order)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,9 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode-b", default="baseline")
     ap.add_argument("--alpha", type=float, default=ALPHA)
     ap.add_argument("--prior", type=float, default=1.0, help="Beta(prior, prior) mixture")
+    ap.add_argument("--order", choices=("recorded", "trial"), default="recorded",
+                    help="pairs in A's recorded order, or trial-major (as evaluate.py sequential=true runs them)")
     args = ap.parse_args(argv)
     try:
-        res = replay_dirs(args.a, args.b, args.mode_a, args.mode_b, args.alpha, args.prior)
+        res = replay_dirs(args.a, args.b, args.mode_a, args.mode_b, args.alpha, args.prior, args.order)
     except (FileNotFoundError, ValueError) as exc:
         print(f"sequential: {exc}", file=sys.stderr)
         return 2
