@@ -222,12 +222,12 @@ def test_generated_scenes_are_a_selection_set_apart_from_the_official_states(tmp
     assert all(nearest_scene(sc, official)[1] > SAME_SCENE_TOL for sc in scenes)
     table = failure_table(run.records)
     assert table["total"] == {"episodes": 2, "never closed": 2}  # the no-op policy never closes the gripper
-    import rsd.eval.runner as runner
+    import rsd.eval.start_states as start_states
 
     def no_drawing(*args, **kwargs):
         raise AssertionError("scenes drawn again")
 
-    monkeypatch.setattr(runner, "generate_scenes", no_drawing)  # a second evaluation copies the shared scenes
+    monkeypatch.setattr(start_states, "generate_scenes", no_drawing)  # a second evaluation copies the shared scenes
     again = run_evaluation(SUITE, {"factory": "noop"}, tmp_path / "again", workers=0, **{**kw, "trials": 1})
     with np.load(tmp_path / "again" / SCENES_FILE) as f:
         assert np.array_equal(f["task_1"], scenes[:1]) and len(again.records) == 1

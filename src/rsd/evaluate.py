@@ -3,7 +3,7 @@
 Runs the suite's tasks under the OpenVLA / OpenVLA-OFT protocol with the speculative engine (or the
 baseline, or both on the same init states), appends every episode to ``<out_dir>/episodes.jsonl`` (a rerun
 with the same ``out_dir`` resumes), then writes and prints the summary and logs it to Weights & Biases.
-The init states must be held out from the models' training data (``rsd.eval.runner.check_held_out``);
+The init states must be held out from the models' training data (``rsd.eval.start_states.check_held_out``);
 the summary names every artifact it loaded (path, sha256, artifact content hash), the code commit and the machine.
 
 Order: check the config (:func:`check_eval_config`, before any file is loaded or any model module imported) ->

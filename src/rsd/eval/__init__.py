@@ -2,7 +2,9 @@
 
 The policies it drives live in :mod:`rsd.policies` (interface, harness policies, engine policy, registry).
 - ``rollout``: one episode (init state, warm-up, open-loop chunks, binarized gripper, success = ``done``).
-- ``runner``: the work list, spawn worker processes, the resumable JSONL episode log, error capture.
+- ``runner``: one evaluation (resume, run identity, held-out verdict, early stop), built from ``work_list`` (the
+  episodes asked for, in order), ``start_states`` (generated scenes, the held-out check), ``workers`` (spawned
+  processes, the pool, error capture) and ``episode_log`` (the resumable JSONL log).
 - ``summary``: aggregation, the original guide's summary, per-task tables, files and W&B.
 - Statistics, reports, comparisons across runs, operating points and the verifier: :mod:`rsd.analysis`.
 

@@ -1,6 +1,6 @@
 """Split one evaluation over processes and machines: ``python evaluate.py shard=i/n``.
 
-The work list of an evaluation (every ``(task, trial, mode)``, see ``rsd.eval.runner``) is cut by its
+The work list of an evaluation (every ``(task, trial, mode)``, see ``rsd.eval.work_list``) is cut by its
 ``(task, trial)`` pairs: the sorted pairs are dealt round-robin, pair ``k`` goes to shard ``k % n``. So the
 split depends only on the request (never on timing or on which machine runs what), every shard gets a
 mix of tasks, and the modes of one init state (``mode=both``) stay in the same shard, paired.
@@ -60,7 +60,7 @@ def shard_of_pairs(pairs: Sequence[tuple[int, int]], count: int) -> dict[tuple[i
 
 
 def select_shard(jobs: Sequence[Any], shard: Any) -> tuple[list[Any], dict]:
-    """The jobs (``rsd.eval.runner.Job``) of shard ``i/n``, in work-list order, and the shard's record."""
+    """The jobs (``rsd.eval.work_list.Job``) of shard ``i/n``, in work-list order, and the shard's record."""
     index, count = parse_shard(shard)
     owner = shard_of_pairs([(j.task_id, j.trial) for j in jobs], count)
     mine = [j for j in jobs if owner[(j.task_id, j.trial)] == index]

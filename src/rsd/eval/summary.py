@@ -288,7 +288,7 @@ def _interval_text(s: Mapping[str, Any]) -> str:
 
 
 def heldout_line(summary: Mapping[str, Any]) -> str | None:
-    """Whether the init states were held out from the policy's training data (``rsd.eval.runner.check_held_out``):
+    """Whether the init states were held out from the policy's training data (``rsd.eval.start_states.check_held_out``):
     the first line of every summary, so a replay result can never pass for a held-out one."""
     heldout = summary.get("heldout") or {}
     return heldout.get("line")

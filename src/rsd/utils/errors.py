@@ -37,7 +37,7 @@ PROJECT_ERRORS = {
     "rsd.data.libero_hdf5": ("DemoSchemaError",),
     "rsd.prepare.pipeline": ("PipelineError",),
     "rsd.eval.merge": ("MergeError",),
-    "rsd.eval.runner": ("PolicyBuildError",),
+    "rsd.eval.workers": ("PolicyBuildError",),
     "rsd.envs.libero_setup": ("LiberoSetupError",),
     "rsd.models.backbones.base": ("BackboneError",),
 }
