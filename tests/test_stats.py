@@ -21,7 +21,6 @@ from rsd.analysis.stats import (
     wilson_interval,
 )
 from rsd.eval.summary import (
-    flat_metrics,
     fmt_rate,
     format_guide_summary,
     significance,
@@ -29,6 +28,7 @@ from rsd.eval.summary import (
     task_table,
     task_table_markdown,
 )
+from rsd.eval.wandb_log import flat_metrics
 
 SUITE = "libero_spatial"
 

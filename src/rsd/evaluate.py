@@ -199,7 +199,8 @@ def evaluate(cfg: DictConfig) -> dict:
     check_eval_config(cfg)
     # lazy: keeps torch and LIBERO out of the config check (a bad config fails in < 1 s)
     from rsd.eval.runner import run_evaluation
-    from rsd.eval.summary import log_to_wandb, print_summary, summarize, write_summary
+    from rsd.eval.summary import print_summary, summarize, write_summary
+    from rsd.eval.wandb_log import log_to_wandb
     from rsd.policies.registry import resolve_policy_spec
 
     out_dir = output_dir(cfg)

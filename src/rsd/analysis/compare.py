@@ -287,7 +287,7 @@ def _flat(d: Any) -> dict:
 
 
 def wandb_eval_rows(runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Eval runs logged by ``rsd.eval.summary.log_to_wandb`` -> ``(eval_table, task_table)`` frames."""
+    """Eval runs logged by ``rsd.eval.wandb_log.log_to_wandb`` -> ``(eval_table, task_table)`` frames."""
     rows, tasks = [], []
     task_key = re.compile(r"^(?P<mode>[^/]+)/task_(?P<task>\d+)/(?P<name>\w+)$")
     for run in runs:

@@ -14,7 +14,8 @@ at module level, so worker processes start fast and set their thread counts firs
 
 from rsd.eval.rollout import EpisodeResult, run_episode
 from rsd.eval.runner import EvalRun, load_records, run_evaluation
-from rsd.eval.summary import format_guide_summary, log_to_wandb, summarize, write_summary
+from rsd.eval.summary import format_guide_summary, summarize, write_summary
+from rsd.eval.wandb_log import log_to_wandb
 
 __all__ = [
     "EpisodeResult",
