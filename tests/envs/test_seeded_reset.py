@@ -18,47 +18,41 @@ def _scene(env) -> tuple[np.ndarray, np.ndarray]:
     return env.sim.get_state().flatten().copy(), np.concatenate(fixtures)
 
 
-@pytest.fixture(scope="module")
-def task4():
-    return get_task("libero_spatial", 4)  # the bowl on the wooden cabinet: an articulated fixture
+@pytest.fixture
+def envs():
+    """Two envs of task 4 (the bowl on the wooden cabinet: an articulated fixture), the first seeded at SEED."""
+    task = get_task("libero_spatial", 4)
+    fresh, used = make_env(task), make_env(task)
+    seeded_reset(fresh, SEED)
+    yield fresh, used
+    fresh.close()
+    used.close()
 
 
-def test_seeded_reset_ignores_the_reset_history(task4) -> None:
-    fresh = make_env(task4)
-    used = make_env(task4)
-    try:
-        seeded_reset(fresh, SEED)
-        state_fresh, fixtures_fresh = _scene(fresh)
-        for other in (SEED + 1, SEED + 2, SEED + 3):
-            seeded_reset(used, other)
-        seeded_reset(used, SEED)
-        state_used, fixtures_used = _scene(used)
-        # the same calls on the same seed in the same process: bit equality
-        np.testing.assert_array_equal(fixtures_used, fixtures_fresh)
-        np.testing.assert_array_equal(state_used, state_fresh)
-        # the list LIBERO grows stays at two loads' samplers (construction + this reset)
-        samplers = used.env.object_property_initializers
-        assert len(samplers) == 2 * _property_samplers_per_load(samplers) > 0
-    finally:
-        fresh.close()
-        used.close()
+def test_seeded_reset_ignores_the_reset_history(envs) -> None:
+    fresh, used = envs
+    state_fresh, fixtures_fresh = _scene(fresh)
+    for other in (SEED + 1, SEED + 2, SEED + 3):
+        seeded_reset(used, other)
+    seeded_reset(used, SEED)
+    state_used, fixtures_used = _scene(used)
+    # the same calls on the same seed in the same process: bit equality
+    np.testing.assert_array_equal(fixtures_used, fixtures_fresh)
+    np.testing.assert_array_equal(state_used, state_fresh)
+    # the list LIBERO grows stays at two loads' samplers (construction + this reset)
+    samplers = used.env.object_property_initializers
+    assert len(samplers) == 2 * _property_samplers_per_load(samplers) > 0
 
 
-def test_plain_reset_drifts_with_the_reset_count(task4) -> None:
+def test_plain_reset_drifts_with_the_reset_count(envs) -> None:
     """What seeded_reset exists for: LIBERO's own seed + reset after other resets places the fixtures elsewhere."""
-    fresh = make_env(task4)
-    used = make_env(task4)
-    try:
-        seeded_reset(fresh, SEED)
-        _, fixtures_fresh = _scene(fresh)
-        for other in (SEED + 1, SEED):
-            used.seed(other)
-            used.reset()
-        _, fixtures_used = _scene(used)
-        assert np.abs(fixtures_used - fixtures_fresh).max() > 1e-3
-    finally:
-        fresh.close()
-        used.close()
+    fresh, used = envs
+    _, fixtures_fresh = _scene(fresh)
+    for other in (SEED + 1, SEED):
+        used.seed(other)
+        used.reset()
+    _, fixtures_used = _scene(used)
+    assert np.abs(fixtures_used - fixtures_fresh).max() > 1e-3
 
 
 def test_samplers_per_load_is_the_shortest_period() -> None:

@@ -51,6 +51,7 @@ from rsd.models.backbones.sim_state import describe_task
 from rsd.tokenizer.layout import codes_to_layers
 from rsd.tokenizer.rfsq import RFSQTokenizer
 from rsd.utils.artifacts import file_sha256
+from rsd.utils.json_safe import json_default
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -155,18 +156,8 @@ def _write_manifest(folder: Path, manifest: Mapping[str, Any], arrays: Mapping[s
     out["num_episodes"] = int(np.unique(episode).shape[0])
     out["num_val_episodes"] = int(np.unique(episode[split == 1]).shape[0])
     out["num_train_episodes"] = out["num_episodes"] - out["num_val_episodes"]
-    (folder / MANIFEST).write_text(json.dumps(out, indent=1, default=_json_default))
+    (folder / MANIFEST).write_text(json.dumps(out, indent=1, default=json_default))
     return out
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 @contextlib.contextmanager

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from rsd.eval.work_list import record_key
+from rsd.utils.json_safe import clean_json, json_default
 
 log = logging.getLogger(__name__)
 
@@ -21,27 +18,6 @@ EPISODES_FILE = "episodes.jsonl"
 
 # --------------------------------------------------------------------------------------------------
 # JSONL episode log
-
-
-def json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def clean_json(value: Any) -> Any:
-    """NaN/inf -> None so the file stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_json(v) for v in value]
-    return value
 
 
 class EpisodeLog:

@@ -36,12 +36,13 @@ from rsd.envs.libero_env import (
     get_init_states,
     num_tasks,
 )
-from rsd.eval.episode_log import EPISODES_FILE, EpisodeLog, clean_json, json_default, load_records
+from rsd.eval.episode_log import EPISODES_FILE, EpisodeLog, load_records
 from rsd.eval.shard import select_shard, write_shard_file
 from rsd.eval.start_states import SCENES_FILE, check_held_out, load_or_generate_scenes
 from rsd.eval.work_list import Job, build_jobs, parse_modes, parse_trials, parse_video, record_key
 from rsd.eval.workers import PolicyBuildError, run_inline, run_pool
 from rsd.policies.registry import policy_training_data, spec_identity
+from rsd.utils.json_safe import clean_json, json_default
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
