@@ -217,7 +217,7 @@ def test_evaluate_sequential_stops_once_decided_and_resumes_decided(tmp_path: Pa
     assert summary["new_episodes"] == 0 and summary["sequential"]["decided_at_pair"] == 5
     # the verifier replays the decision from the records (a harness policy loads no artifact: provenance
     # lines are expected, none about the sequential test)
-    assert not [f for f in verify([out]).failures if "sequential" in f]
+    assert not [f for f in verify([out]).failures if ": sequential" in f]
     summary["sequential"]["decided_at_pair"] = 4
     (out / "summary.json").write_text(json.dumps(summary))
     report = verify([out])
