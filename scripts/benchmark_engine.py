@@ -543,17 +543,24 @@ def main(argv: list[str] | None = None) -> int:
         add(f"strict{suffix}", ref, "strict", **kw)
         if not args.no_adaptive:
             add(f"strict_adaptive{suffix}", ref, "strict", adaptive=True, **kw)
+            add(f"strict_adaptive_fixed_probes{suffix}", ref, "strict", adaptive=True, probe_backoff=False, **kw)
         if eps_mid is not None:
             add(f"epsilon_{eps_mid:g}{suffix}", ref, "epsilon", epsilon=eps_mid, **kw)
 
-    add("baseline", "baseline", "baseline")
-    add("strict", "baseline", "strict")
+    # the unsuffixed rows decode every layer the main model was trained for (8, or e.g. 3 for make train's)
+    trained = int(getattr(main_model, "trained_layers", None) or NUM_LAYERS)
+    top = {} if trained >= NUM_LAYERS else {"depth": trained}
+    if top:
+        print(f"the main model was trained for layers 0..{trained - 1}: the unsuffixed rows decode at depth {trained}",
+              flush=True)
+    add("baseline", "baseline", "baseline", **top)
+    add("strict", "baseline", "strict", **top)
     if delta is not None or tau is not None:  # --delta -1 without --tau: no relaxed row
-        add("relaxed", "baseline", "relaxed", delta=delta, tau=tau)
+        add("relaxed", "baseline", "relaxed", delta=delta, tau=tau, **top)
     if not args.no_adaptive:  # strict, speculating only while it measures faster (lossless as well)
-        add("strict_adaptive", "baseline", "strict", adaptive=True)
+        add("strict_adaptive", "baseline", "strict", adaptive=True, **top)
     for eps in epsilons:
-        add(f"epsilon_{eps:g}", "baseline", "epsilon", epsilon=eps)
+        add(f"epsilon_{eps:g}", "baseline", "epsilon", epsilon=eps, **top)
     if 1 <= args.depth < NUM_LAYERS:
         family(f"_d{args.depth}", depth=args.depth)
     exit_kw = {}

@@ -294,6 +294,46 @@ class _CostTimer(CpuTimer):
             {"main": self.base, "total": self.base}
 
 
+class _SwitchingCostTimer(_CostTimer):
+    """Speculation costs ``spec`` until chunk ``switch_at``, then ``after``."""
+
+    def __init__(self, spec: float, base: float, after: float, switch_at: int) -> None:
+        super().__init__(spec, base)
+        self.after, self.switch_at, self.chunks = after, switch_at, 0
+
+    def end_chunk(self) -> dict[str, float]:
+        self.chunks += 1
+        if self.chunks == self.switch_at:
+            self.spec = self.after
+        return super().end_chunk()
+
+
+def test_adaptive_probes_back_off_while_the_draft_does_not_pay_and_return_when_it_does():
+    """Probes of the slower path double their interval while they confirm the choice (at most
+    MAX_PROBE_FACTOR * probe_every chunks apart), so a draft that never pays is almost never called; once
+    speculation becomes faster, the next probe sees it and the rule switches within a few probe_every."""
+    from rsd.engine.rsd_engine import MAX_PROBE_FACTOR
+
+    main = _tiny_main()
+    h = torch.randn(1, 32, generator=torch.Generator().manual_seed(6))
+    eng = RSDInferenceEngine(main, OracleDraft(main, [0]), mode="strict", adaptive=True, probe_every=20)
+    eng.timer = _SwitchingCostTimer(11.0, 8.0, after=5.0, switch_at=3000)
+    chosen = []
+    for _ in range(4000):
+        n = eng.stats.samples - eng.stats.unspeculated
+        eng.predict(h, decode=False)
+        chosen.append(eng.stats.samples - eng.stats.unspeculated > n)
+    slow_phase = sum(chosen[:3000])
+    # a fixed interval of 20 would speculate ~150 times in 3000 chunks; doubling: 1 + probes at 20, 60, 140,
+    # 300, 620, 1260, 1900, 2540 (interval capped at 640)
+    assert 5 <= slow_phase <= 10, slow_phase
+    assert eng._probe_interval <= MAX_PROBE_FACTOR * 20 or chosen[-1]
+    first_fast = next(i for i in range(3000, 4000) if chosen[i])
+    assert first_fast - 3000 <= MAX_PROBE_FACTOR * 20  # the next probe after the switch
+    after = chosen[first_fast + 100:]  # then it speculates on every chunk but its (backing-off) baseline probes
+    assert sum(after) >= len(after) - 10, len(after) - sum(after)
+
+
 @pytest.mark.parametrize("spec_cost, base_cost, speculated", [(11.0, 8.0, (2, 6)), (5.0, 8.0, (55, 60))])
 def test_adaptive_strict_takes_the_faster_path_and_stays_lossless(spec_cost, base_cost, speculated):
     main = _tiny_main()

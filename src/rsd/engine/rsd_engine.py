@@ -14,7 +14,9 @@ Modes (tokens in the layers view ``[B, 8, 128]``, see ``rsd.tokenizer.layout``; 
   with fused kernels (``accelerate``) such near-ties flip more often).
 - ``strict`` with ``adaptive=True``: per chunk, speculate or decode like the baseline, whichever the
   running means of measured draft + main time say is faster (the other path is probed every
-  ``probe_every`` chunks). Still lossless (both paths give the baseline's tokens).
+  ``probe_every`` chunks; each probe that confirms the choice doubles that interval, up to
+  ``MAX_PROBE_FACTOR`` times, and a probe that changes it resets it, so a draft that never pays costs almost
+  nothing after a while). Still lossless (both paths give the baseline's tokens).
 - ``relaxed``: a drafted layer is accepted when every token is within level distance ``delta`` of the
   main model's choice, or when the fraction of equal tokens reaches ``tau``. Token-level closeness only:
   no bound on the action (one level at layer 0 moves the latent by 1/3).
@@ -87,6 +89,8 @@ from rsd.tokenizer.layout import NUM_LEVELS, layers_to_codes
 MODES = ("baseline", "strict", "relaxed", "epsilon")
 EXIT_RULES = ("bound", "chance", "both")
 SECTIONS = ("backbone", "draft", "main", "check", "decode", "total")
+#: the adaptive rule probes the path it does not take at most every MAX_PROBE_FACTOR * probe_every chunks
+MAX_PROBE_FACTOR = 32
 
 
 # ---------------------------------------------------------------------- acceptance rules
@@ -274,14 +278,16 @@ class RSDInferenceEngine:
             falls back to eager with a warning); :attr:`accelerate_info` records what is in use.
         adaptive, probe_every, smoothing: strict mode only: choose per chunk between speculation and
             baseline decoding by exponential means (weight ``smoothing``) of their measured draft + main
-            (+ check) time; the path not chosen is re-measured every ``probe_every`` chunks.
+            (+ check) time; the path not chosen is re-measured every ``probe_every`` chunks, an interval that
+            doubles with each probe confirming the choice (at most ``MAX_PROBE_FACTOR * probe_every``;
+            ``probe_backoff=False``: a fixed interval, the rule before 2026-12-06).
     """
 
     def __init__(self, main, draft=None, tokenizer=None, *, mode: str = "strict", delta: int | None = 1,
                  tau: float | None = None, normalizer=None, gripper_dim: int | None = 6,
                  backbone: Callable | None = None, device: torch.device | str | None = None,
                  accelerate: str = "eager", adaptive: bool = False, probe_every: int = 20,
-                 smoothing: float = 0.2, epsilon: float | None = None, depth: int | None = None,
+                 probe_backoff: bool = True, smoothing: float = 0.2, epsilon: float | None = None, depth: int | None = None,
                  early_exit: str | None = None, exit_epsilon: float | None = None,
                  chance_entropy: float = 0.98, tail_bounds: Sequence[float] | None = None,
                  draft_layers: int | None = None) -> None:
@@ -297,9 +303,12 @@ class RSDInferenceEngine:
             raise ValueError(f"probe_every must be >= 2 and 0 < smoothing <= 1, got {probe_every}, {smoothing}")
         self.adaptive = adaptive
         self.probe_every = probe_every
+        self.probe_backoff = probe_backoff
         self.smoothing = smoothing
         self._mean_s: dict[bool, float | None] = {True: None, False: None}  # speculate? -> mean seconds
         self._since_probe = 0
+        self._probe_interval = probe_every  # grows while probes confirm the faster path
+        self._probing: bool | None = None  # the choice a probe in flight is testing (None: no probe)
         self.main = main
         self.draft = draft
         self.tokenizer = tokenizer
@@ -540,8 +549,9 @@ class RSDInferenceEngine:
             return spec is None
         faster = spec <= base
         self._since_probe += 1
-        if self._since_probe >= self.probe_every:
+        if self._since_probe >= self._probe_interval:
             self._since_probe = 0
+            self._probing = faster
             return not faster
         return faster
 
@@ -551,6 +561,12 @@ class RSDInferenceEngine:
         t = times.get("draft", 0.0) + times.get("main", 0.0) + times.get("check", 0.0)
         old = self._mean_s[speculated]
         self._mean_s[speculated] = t if old is None else (1 - self.smoothing) * old + self.smoothing * t
+        if self._probing is not None:  # a probe just ran: was the probed path slower than the chosen one?
+            chosen = self._mean_s[not speculated]
+            confirmed = self.probe_backoff and chosen is not None and t >= chosen
+            self._probe_interval = (min(2 * self._probe_interval, MAX_PROBE_FACTOR * self.probe_every)
+                                    if confirmed else self.probe_every)
+            self._probing = None
 
     def _decode_chunk(self, hidden: torch.Tensor, decode: bool) -> EngineOutput:
         hidden = hidden.to(device=self.device, dtype=self.dtype)
