@@ -233,13 +233,7 @@ def evaluate(cfg: DictConfig) -> dict:
     })
     write_summary(out_dir, summary)
     print_summary(summary)
-    if stop is not None and stop.done:
-        seq = summary["sequential"]
-        log.info("Sequential test decided at pair %d of %d (%d of %d episodes): %s better (e-value %.1f >= %g)",
-                 seq["decided_at_pair"], seq["pairs_total"], seq["episodes_used"], seq["episodes_total"],
-                 seq["mode_a"] if seq["winner"] == "A" else seq["mode_b"], seq["e_value_at_decision"],
-                 seq["threshold"])
-    elif not summary["complete"]:
+    if not summary["complete"] and not (stop is not None and stop.done):  # a decided run is finished
         log.warning("%d of %d episodes done; rerun with out_dir=%s to finish", len(run.records), run.total,
                     out_dir)
     if cfg.wandb and run.records:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd import PROJECT_ROOT
-from rsd.analysis.sequential import SequentialMcNemar, read_records
+from rsd.analysis.sequential import read_records, replay
 from rsd.analysis.stats import ALPHA, mcnemar_exact, pair_records, wilson_interval
 
 SUMMARY = "summary.json"
@@ -153,16 +153,9 @@ def sequential_numbers(records: Sequence[Mapping[str, Any]], mode_a: str, mode_b
                        prior: float) -> dict[str, Any]:
     """The sequential test of a ``sequential=true`` run replayed: its pairs in the run's trial-major order
     (trial 0 of every task, then trial 1, ...), fed until the first decision."""
-    pairs, _, _ = pair_records([r for r in records if r.get("mode") == mode_a],
-                               [r for r in records if r.get("mode") == mode_b])
-    pairs.sort(key=lambda p: (int(p[0]["trial"]), int(p[0]["task_id"])))
-    test = SequentialMcNemar(alpha, prior)
-    for ra, rb in pairs:
-        if test.update(bool(ra.get("success")), bool(rb.get("success"))).decided:
-            break
-    s = test.summary()
-    return {"decided": s["decided"], "decided_at_pair": s["decided_at_pair"], "winner": s["winner"],
-            "pairs_used": test.n, "only_a": s["only_a"], "only_b": s["only_b"]}
+    s = replay([r for r in records if r.get("mode") == mode_a], [r for r in records if r.get("mode") == mode_b],
+               alpha, prior, order="trial")
+    return {k: s[k] for k in ("decided", "decided_at_pair", "winner", "pairs_used", "only_a", "only_b")}
 
 
 def _find_hashes(obj: Any) -> list[str]:

@@ -5,11 +5,12 @@
 
 Held out by default (``init_source=generated``): attempt i of task t starts from a *new* initial scene,
 drawn from the task's own placement distribution by ``env.seed(scene_seed + 1000 * t + i)`` and
-``env.reset()`` (``rsd.envs.libero_env.seeded_reset``: the same scene whatever the worker ran before); a scene that coincides with one of the task's official init states (max |state diff|
-below :data:`rsd.data.heldout.SAME_SCENE_TOL`) is rejected, because the official states are reserved for
-evaluation. Every demo records its seed and scene state (``rsd_scene_seed``, ``rsd_scene_state``,
-``rsd_init_source``). ``init_source=official`` records from the fixed init states 0, 1, 2, ... instead
-(replay data, not held out; the files say so in ``rsd_init_source`` and ``rsd_heldout_warning``).
+``env.reset()`` (``rsd.envs.libero_env.seeded_reset``: the same scene whatever the worker ran before); a scene
+that coincides with one of the task's official init states (max |state diff| below
+:data:`rsd.data.heldout.SAME_SCENE_TOL`) is rejected, because the official states are reserved for evaluation.
+Every demo records its seed and scene state (``rsd_scene_seed``, ``rsd_scene_state``, ``rsd_init_source``).
+``init_source=official`` records from the fixed init states 0, 1, 2, ... instead (replay data, not held out;
+the files say so in ``rsd_init_source`` and ``rsd_heldout_warning``).
 After the scene is set: the 10 warm-up no-ops, then the expert (see :mod:`rsd.envs.expert`). Attempts
 continue until ``demos_per_task`` episodes succeeded or ``max_attempts`` (official: the 50 init states)
 are exhausted; only successful episodes are kept. Episodes run in parallel worker processes (spawn), each of which builds an
@@ -519,10 +520,10 @@ def _file_attrs(init_source: str, scene_seed: int, demos_per_task: int, stats: d
         "rsd_collect_stats": stats,
     }
     if init_source == "generated":
-        attrs["rsd_recording"] = ("env.seed(rsd_scene_seed), env.reset() by rsd.envs.libero_env.seeded_reset (a new scene from the task's placement "
-                                  "distribution, recorded as rsd_scene_state, rejected if it coincides with an "
-                                  "official init state), then 10 unrecorded no-op warm-up steps; init_state == "
-                                  "states[0]")
+        attrs["rsd_recording"] = ("env.seed(rsd_scene_seed), env.reset() by rsd.envs.libero_env.seeded_reset "
+                                  "(a new scene from the task's placement distribution, recorded as rsd_scene_state, "
+                                  "rejected if it coincides with an official init state), then 10 unrecorded no-op "
+                                  "warm-up steps; init_state == states[0]")
         attrs["rsd_scene_seed_base"] = int(scene_seed)
     else:
         attrs["rsd_recording"] = ("after reset, set_init_state(init_states[init_state_index]) and 10 unrecorded "

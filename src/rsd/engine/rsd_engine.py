@@ -287,8 +287,8 @@ class RSDInferenceEngine:
                  tau: float | None = None, normalizer=None, gripper_dim: int | None = 6,
                  backbone: Callable | None = None, device: torch.device | str | None = None,
                  accelerate: str = "eager", adaptive: bool = False, probe_every: int = 20,
-                 probe_backoff: bool = True, smoothing: float = 0.2, epsilon: float | None = None, depth: int | None = None,
-                 early_exit: str | None = None, exit_epsilon: float | None = None,
+                 probe_backoff: bool = True, smoothing: float = 0.2, epsilon: float | None = None,
+                 depth: int | None = None, early_exit: str | None = None, exit_epsilon: float | None = None,
                  chance_entropy: float = 0.98, tail_bounds: Sequence[float] | None = None,
                  draft_layers: int | None = None) -> None:
         if mode not in MODES:
@@ -308,7 +308,7 @@ class RSDInferenceEngine:
         self._mean_s: dict[bool, float | None] = {True: None, False: None}  # speculate? -> mean seconds
         self._since_probe = 0
         self._probe_interval = probe_every  # grows while probes confirm the faster path
-        self._probing: bool | None = None  # the choice a probe in flight is testing (None: no probe)
+        self._probing = False  # the chunk being decoded probes the path not chosen
         self.main = main
         self.draft = draft
         self.tokenizer = tokenizer
@@ -551,7 +551,7 @@ class RSDInferenceEngine:
         self._since_probe += 1
         if self._since_probe >= self._probe_interval:
             self._since_probe = 0
-            self._probing = faster
+            self._probing = True
             return not faster
         return faster
 
@@ -561,12 +561,12 @@ class RSDInferenceEngine:
         t = times.get("draft", 0.0) + times.get("main", 0.0) + times.get("check", 0.0)
         old = self._mean_s[speculated]
         self._mean_s[speculated] = t if old is None else (1 - self.smoothing) * old + self.smoothing * t
-        if self._probing is not None:  # a probe just ran: was the probed path slower than the chosen one?
+        if self._probing:  # a probe just ran: was the probed path slower than the chosen one?
             chosen = self._mean_s[not speculated]
             confirmed = self.probe_backoff and chosen is not None and t >= chosen
             self._probe_interval = (min(2 * self._probe_interval, MAX_PROBE_FACTOR * self.probe_every)
                                     if confirmed else self.probe_every)
-            self._probing = None
+            self._probing = False
 
     def _decode_chunk(self, hidden: torch.Tensor, decode: bool) -> EngineOutput:
         hidden = hidden.to(device=self.device, dtype=self.dtype)

@@ -111,9 +111,12 @@ def reset_to_init_state(env, init_state: np.ndarray | None, num_warmup_steps: in
     of the episode). The evaluation rollout, the demo recorder and the replay check all start here, so
     their episodes begin from the same state.
     """
-    obs = seeded_reset(env, seed) if reset else None
-    if not reset and seed is not None:
-        env.seed(seed)
+    if reset:
+        obs = seeded_reset(env, seed)
+    else:
+        obs = None
+        if seed is not None:
+            env.seed(seed)
     if init_state is not None:
         obs = env.set_init_state(np.asarray(init_state, dtype=np.float64))
     for _ in range(num_warmup_steps):

@@ -16,10 +16,6 @@ log = logging.getLogger(__name__)
 EPISODES_FILE = "episodes.jsonl"
 
 
-# --------------------------------------------------------------------------------------------------
-# JSONL episode log
-
-
 class EpisodeLog:
     """Append-only JSONL file of episode records (the only writer is the main process)."""
 
@@ -68,6 +64,3 @@ def load_records(path: str | Path) -> list[dict]:
         path = path / EPISODES_FILE
     records, _ = EpisodeLog(path).read()
     return list({record_key(r): r for r in records}.values())
-
-
-# --------------------------------------------------------------------------------------------------

@@ -55,10 +55,6 @@ __all__ = ["EPISODES_FILE", "HELDOUT_FILE", "RUN_FILE", "SCENES_FILE", "EpisodeL
            "PolicyBuildError", "build_jobs", "check_held_out", "load_records", "record_key", "run_evaluation"]
 
 
-# --------------------------------------------------------------------------------------------------
-# The evaluation
-
-
 @dataclass
 class EvalRun:
     """What one call evaluated: every record of the requested work list (old and new)."""

@@ -8,9 +8,6 @@ from typing import Any
 
 from rsd.policies.base import EVAL_MODES
 
-# --------------------------------------------------------------------------------------------------
-# Work list
-
 
 @dataclass(frozen=True)
 class Job:
