@@ -17,7 +17,8 @@ from rsd.engine.action_space import (
     normalized_decoder,
     pad_prefix,
 )
-from rsd.engine.rsd_engine import RSDInferenceEngine, strict_accept
+from rsd.engine.acceptance import strict_accept
+from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.models.main_decoder import RFSQMainDecoder
 from rsd.tokenizer.layout import layers_to_codes
 from rsd.tokenizer.rfsq import RFSQTokenizer
