@@ -97,7 +97,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 try:
@@ -106,10 +105,24 @@ except ModuleNotFoundError:  # not installed: use the checkout's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from rsd.engine.accelerate import ACCELERATE_MODES, accelerate_models
 from rsd.engine.rsd_engine import RSDInferenceEngine
+from rsd.engine.timing import time_calls
+from rsd.models.backbones.openvla_shaped import BACKBONE_SCALES, IMAGE_SIZE, VOCAB_SIZE, OpenVLAShapedBackbone
 from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.models.main_decoder import RFSQMainDecoder
 from rsd.tokenizer.layout import CHUNK_LEN
 from rsd.tokenizer.rfsq import RFSQTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the design-2 half beside this file
+from benchmark_gpu_vla_llm import (  # noqa: E402
+    TARGET_AR_RATIO,
+    VLA_ACCEL,
+    ForcedDraft,
+    acceptance_profile,
+    bench_vla_llm,
+    print_vla_tables,
+    run_child,
+    vla_targets,
+)
 
 OPS = ("draft", "verify", "step", "baseline", "strict_a3", "strict_a0")
 #: the backbone's own operations (``--backbone``), timed once per dtype
@@ -119,465 +132,6 @@ SECTIONS = ("backbone", "draft", "main", "decode", "total")
 #: the issue's targets on one H100/H200
 TARGET_DRAFT_MS = 0.1
 TARGET_HEAD_PCT = 5.0
-TARGET_AR_RATIO = 20.0
-OPENVLA_ACTION_TOKENS = 7  # OpenVLA generates one token per action dimension: prefill + 6 decode steps
-
-
-class ForcedDraft:
-    """Runs the (accelerated) draft, then proposes fixed tokens instead (a forced acceptance)."""
-
-    def __init__(self, draft, tokens: torch.Tensor) -> None:
-        self.draft, self.tokens = draft, tokens
-        self.num_coarse_layers = tokens.shape[1]
-
-    def propose(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.draft.propose(hidden)
-        return self.tokens
-
-
-# ---------------------------------------------------------------------- the OpenVLA-shaped backbone
-#: sizes per ``--backbone-scale``: Llama text model, DINOv2 (with registers) and SigLIP vision towers. Every scale
-#: keeps 224 px, patch 14 (256 patches per tower), the 3-layer projector and vocab 32000 (OpenVLA pads it to 32064)
-BACKBONE_SCALES = {
-    "full": {  # Llama-2-7B, DINOv2-L/14 (reg4), SigLIP-so400m/14 at 224 px: OpenVLA-7B's prismatic backbone
-        "llm": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
-        "dino": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4),
-        "siglip": dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304),
-    },
-    "small": {
-        "llm": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1376),
-        "dino": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=4),
-        "siglip": dict(hidden_size=288, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1152),
-    },
-    "tiny": {
-        "llm": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=172),
-        "dino": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=4),
-        "siglip": dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96),
-    },
-}
-IMAGE_SIZE, PATCH_SIZE, VOCAB_SIZE, NUM_REGISTERS = 224, 14, 32000, 4
-
-
-def _forward_kwarg(module, new: str, old: str) -> str:
-    """The name ``module.forward`` takes for an argument transformers renamed (``cache`` / ``past_key_values``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return old
-    return new if new in params else old
-
-
-class OpenVLAShapedBackbone(torch.nn.Module):
-    """OpenVLA's prismatic structure with random weights (transformers classes, no remote code).
-
-    ``forward(obs) -> hidden [1, D]``: DINOv2 + SigLIP patch features (second-to-last layer, prefix tokens
-    dropped, as OpenVLA's timm featurizers) concatenated channel-wise -> fused GELU MLP projector (3 linear
-    layers) -> image tokens spliced in after BOS -> Llama prefill -> last layer (final norm) at the last token.
-    ``generate_action(obs)``: OpenVLA's greedy autoregressive action (7 tokens: prefill + 6 cached steps).
-    ``obs``: ``{"input_ids" [1, T], "pixels_dino" [1, 3, 224, 224], "pixels_siglip" [1, 3, 224, 224]}``.
-    """
-
-    def __init__(self, scale: str) -> None:
-        super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-        try:
-            from transformers import Dinov2WithRegistersConfig as DinoConfig
-            from transformers import Dinov2WithRegistersModel as DinoModel
-            reg = dict(num_register_tokens=NUM_REGISTERS)
-        except ImportError:  # older transformers: DINOv2 without registers (4 tokens fewer)
-            from transformers import Dinov2Config as DinoConfig
-            from transformers import Dinov2Model as DinoModel
-            reg = {}
-        sizes = BACKBONE_SCALES[scale]
-        self.scale = scale
-        self.dino = DinoModel(DinoConfig(**sizes["dino"], image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-                                         layerscale_value=1.0, **reg)).eval()
-        self.num_prefix = 1 + int(reg.get("num_register_tokens", 0))  # CLS (+ registers)
-        self.siglip = SiglipVisionModel(SiglipVisionConfig(**sizes["siglip"], image_size=IMAGE_SIZE,
-                                                           patch_size=PATCH_SIZE, vision_use_head=False)).eval()
-        llm = sizes["llm"]
-        self.llm = LlamaForCausalLM(LlamaConfig(**llm, num_key_value_heads=llm["num_attention_heads"],
-                                                vocab_size=VOCAB_SIZE, max_position_embeddings=2048,
-                                                rms_norm_eps=1e-5, tie_word_embeddings=False)).eval()
-        vision_dim = sizes["dino"]["hidden_size"] + sizes["siglip"]["hidden_size"]
-        d = llm["hidden_size"]
-        # OpenVLA's FusedMLPProjector ("fused-gelu-mlp"): vision_dim -> 4 * vision_dim -> D -> D
-        self.projector = torch.nn.Sequential(torch.nn.Linear(vision_dim, 4 * vision_dim), torch.nn.GELU(),
-                                             torch.nn.Linear(4 * vision_dim, d), torch.nn.GELU(),
-                                             torch.nn.Linear(d, d)).eval()
-        self.hidden_dim = d
-        self.vision_dim = vision_dim
-        self._cache_kwarg = _forward_kwarg(self.llm, "cache", "past_key_values")
-
-    def sizes(self) -> dict:
-        """The exact sizes and parameter counts (printed and written to the JSON)."""
-        def count(m):
-            return sum(p.numel() for p in m.parameters())
-
-        out = {k: dict(v) for k, v in BACKBONE_SCALES[self.scale].items()}
-        out["llm"].update(vocab_size=VOCAB_SIZE, attn=getattr(self.llm.config, "_attn_implementation", None))
-        out["dino"]["num_register_tokens"] = self.num_prefix - 1
-        out["projector"] = [self.vision_dim, 4 * self.vision_dim, self.hidden_dim, self.hidden_dim]
-        out["image"] = dict(size=IMAGE_SIZE, patch=PATCH_SIZE, patches_per_tower=(IMAGE_SIZE // PATCH_SIZE) ** 2)
-        out["params_m"] = {k: round(count(getattr(self, k)) / 1e6, 2) for k in ("dino", "siglip", "projector", "llm")}
-        out["params_m"]["total"] = round(count(self) / 1e6, 2)
-        return out
-
-    def dino_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.dino(pixel_values=pixels, output_hidden_states=True)
-        return out.hidden_states[-2][:, self.num_prefix:]
-
-    def siglip_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.siglip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-
-    def image_tokens(self, obs: dict) -> torch.Tensor:
-        fused = torch.cat([self.dino_patches(obs["pixels_dino"]), self.siglip_patches(obs["pixels_siglip"])], dim=-1)
-        return self.projector(fused)
-
-    def embeddings(self, obs: dict) -> torch.Tensor:
-        """``[1, T + 256, D]``: BOS, the image tokens, the rest of the prompt (OpenVLA's order)."""
-        text = self.llm.get_input_embeddings()(obs["input_ids"])
-        return torch.cat([text[:, :1], self.image_tokens(obs), text[:, 1:]], dim=1)
-
-    def features(self, embeds: torch.Tensor) -> torch.Tensor:
-        """LLM prefill without the LM head -> last layer (after the final norm) at the last token."""
-        return self.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
-
-    def forward(self, obs: dict) -> torch.Tensor:
-        return self.features(self.embeddings(obs))
-
-    def generate_from_embeddings(self, embeds: torch.Tensor, num_tokens: int = OPENVLA_ACTION_TOKENS) -> torch.Tensor:
-        """Greedy decoding with a KV cache: prefill (last-token logits) + ``num_tokens - 1`` steps -> ``[1, n]``."""
-        out = self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        # the output field follows the argument's name (``cache`` on recent 5.x, ``past_key_values`` before)
-        cache = getattr(out, self._cache_kwarg, None)
-        if cache is None:
-            cache = out.cache if self._cache_kwarg == "past_key_values" else out.past_key_values
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens = [token]
-        for _ in range(num_tokens - 1):
-            out = self.llm(input_ids=token, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
-        return torch.cat(tokens, dim=1)
-
-    def generate_action(self, obs: dict) -> torch.Tensor:
-        """OpenVLA's per-action path on this backbone: vision + projector + prefill + 6 decode steps."""
-        return self.generate_from_embeddings(self.embeddings(obs))
-
-# ---------------------------------------------------------------------- design 2: the LLM decodes the layers
-VLA_ACCEL = ("eager", "static", "static_compile")
-TARGET_VLA_SPEEDUP = 1.45
-VLA_FORCED = (0, 1, 2, 3)
-
-
-def acceptance_profile(path: str | None) -> dict | None:
-    """P(accepted length a = 0..3) from a CPU benchmark JSON (see the module docstring), or None."""
-    if not path:
-        return None
-    data = json.loads(Path(path).read_text())
-
-    def rows(obj):
-        if isinstance(obj, dict):
-            yield obj
-            for v in obj.values():
-                yield from rows(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                yield from rows(v)
-
-    for row in rows(data):
-        if "profile" in row and len(row["profile"]) == 4:
-            p = [float(x) for x in row["profile"]]
-            return {"source": path, "p": [x / sum(p) for x in p], "from": "profile"}
-        if "accepted_length_counts" in row and len(row["accepted_length_counts"]) == 4:
-            c = [float(x) for x in row["accepted_length_counts"]]
-            return {"source": path, "p": [x / sum(c) for x in c], "from": "accepted_length_counts",
-                    "mode": row.get("mode")}
-    for row in rows(data):  # benchmark_engine.py: per_layer_acceptance of its first strict row (marginal)
-        pla = row.get("per_layer_acceptance")
-        if pla and len(pla) == 3 and "strict" in str(row.get("mode", "strict")):
-            q = [1.0, *[float(x) for x in pla], 0.0]  # P(a >= k)
-            return {"source": path, "p": [q[k] - q[k + 1] for k in range(4)], "from": "per_layer_acceptance",
-                    "mode": row.get("mode")}
-    raise SystemExit(f"--acceptance-json {path}: no accepted_length_counts / profile / per_layer_acceptance found")
-
-
-class _ForcedTokens:
-    """Runs the real draft on the prompt, then proposes given tokens (a forced accepted length)."""
-
-    num_coarse_layers = 3
-
-    def __init__(self, draft, tokens: torch.Tensor) -> None:
-        self.draft, self.tokens = draft, tokens
-
-    def propose(self, hidden) -> torch.Tensor:
-        self.draft.propose(hidden)
-        return self.tokens
-
-
-def forced_drafts(main, prompt, greedy: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """``(consistent, {a: tokens [B, 3, 128]})``: drafts that strict verification accepts exactly ``a`` layers of.
-
-    Built from the verification call's own greedy layers (``self_consistent_prefix``), not from the baseline's
-    step-by-step layers: in bfloat16 on a GPU those differ in a near-tie token or two per layer, so a draft copied
-    from the baseline was accepted only up to layer 0 (the H200 run at 90feab5: a = 1, 2, 3 all accepted 1).
-    ``a < 3``: layer ``a`` is then changed in every token (rejected), the layers before it are kept."""
-    from rsd.models.vla_llm_main import self_consistent_prefix
-
-    consistent = self_consistent_prefix(main, prompt, greedy[:, :3])
-    out = {}
-    for a in VLA_FORCED:
-        tok = consistent.clone()
-        if a < 3:
-            tok[:, a] = (tok[:, a] + 1) % 7
-        out[a] = tok
-    return consistent, out
-
-
-def fault_hook(mode: str) -> None:
-    """Test hook: ``RSD_BENCH_FAULT=<mode>:raise`` or ``<mode>:segv`` makes that vla_llm mode fail (an exception, or
-    the process killing itself with SIGSEGV as inductor's CUDA-graph path did at 90feab5)."""
-    spec = os.environ.get("RSD_BENCH_FAULT", "")
-    if ":" not in spec or spec.split(":", 1)[0] != mode:
-        return
-    kind = spec.split(":", 1)[1]
-    if kind == "segv":
-        import signal
-
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGSEGV)
-    raise RuntimeError(f"fault injected into vla_llm mode {mode!r} (RSD_BENCH_FAULT)")
-
-
-def bench_vla_llm(backbone: OpenVLAShapedBackbone, obs: dict, dtype: torch.dtype, device: torch.device, args,
-                  accel: str, profile: dict | None, tokenizer) -> dict:
-    """Design 2 (``VLALLMMain`` on the backbone's Llama) for one cache mode; see the module docstring.
-
-    A failure anywhere is recorded (``info.fallback``, the mode's row has no ``ms``), never raised."""
-    t0 = time.perf_counter()
-    info = {"accelerate": accel, "fallback": None}
-    lm = backbone.llm.model
-    original_forward = lm.forward
-    try:
-        res = _bench_vla_llm(backbone, obs, dtype, device, args, accel, profile, tokenizer, info, t0)
-    except Exception as exc:  # noqa: BLE001 - a failing mode (e.g. a compile/graph error) is recorded, not fatal
-        info["fallback"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        print(f"    vla_llm [{accel}] failed: {info['fallback']}", flush=True)
-        return {"info": info, "setup_s": time.perf_counter() - t0}
-    finally:
-        lm.forward = original_forward
-    return res
-
-
-def _bench_vla_llm(backbone, obs, dtype, device, args, accel, profile, tokenizer, info, t0) -> dict:
-    from transformers import StaticCache
-
-    from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain
-
-    fault_hook(accel)
-    torch.manual_seed(args.seed)
-    lm = backbone.llm.model
-    main = VLALLMMain(lm).to(device=device, dtype=dtype).eval()
-    d = backbone.hidden_dim
-    draft = (RFSQDraftModelWithProjection(input_dim=d, hidden_dim=64, num_heads=4, feedforward_dim=128, dropout=0.0)
-             if args.tiny else RFSQDraftModelWithProjection(input_dim=d, dropout=0.0)).to(device=device, dtype=dtype).eval()
-    with torch.inference_mode():
-        embeds = backbone.embeddings(obs)
-    length = int(embeds.shape[1])
-    static = None
-    if accel in ("static", "static_compile"):
-        static = StaticCache(config=lm.config, max_cache_len=length + main.num_layers)
-    if accel == "static_compile":
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        lm.forward = torch.compile(lm.forward, mode=mode, dynamic=False)
-        info["compile"] = mode
-    kw = main._cache_kw
-
-    def prefill() -> LLMPrompt:
-        e = backbone.embeddings(obs)
-        if static is not None:  # reuse the preallocated cache (static addresses for the graphs): rewind it
-            from rsd.models.vla_llm_main import crop_cache
-
-            crop_cache(static, 0)
-        out = lm(inputs_embeds=e, use_cache=True, **({kw: static} if static is not None else {}))
-        cache = static if static is not None else getattr(out, kw, None) or out.past_key_values
-        return LLMPrompt(out.last_hidden_state[:, -1], cache, length)
-
-    with torch.inference_mode():
-        prompt = prefill()
-        base = RSDInferenceEngine(main, mode="baseline", tokenizer=tokenizer, device=device)
-        greedy = base.predict(prompt, decode=False).tokens
-        consistent, drafts = forced_drafts(main, prompt, greedy)
-        forced = {a: RSDInferenceEngine(main, _ForcedTokens(draft, tok), mode="strict", tokenizer=tokenizer,
-                                        device=device) for a, tok in drafts.items()}
-        equal = {"verify_vs_steps_tokens_differing": [int((consistent[:, k] != greedy[:, k]).sum()) for k in range(3)]}
-        for a, eng in forced.items():
-            out = eng.predict(prefill(), decode=False)
-            equal[a] = {"requested": a, "accepted": out.accepted_length, "accepted_as_forced": out.accepted_length == a,
-                        "tokens_equal_baseline": bool(torch.equal(out.tokens, greedy)),
-                        "tokens_differing": int((out.tokens != greedy).sum())}
-        bad = [a for a in VLA_FORCED if not equal[a]["accepted_as_forced"]]
-        if bad:
-            raise RuntimeError(f"forced acceptance failed for a = {bad}: {equal}")
-
-        def verify():
-            return main.score(prompt, consistent, main.new_cache(1))
-
-        cache = main.new_cache(1)
-
-        def step():
-            cache.truncate(4)
-            return main.extend(greedy[:, 3:4], cache)
-
-        # decode only (the prompt prefilled once; score() rewinds its cache): the parts' sum is comparable
-        ops = {"backbone": prefill, "draft": lambda: draft.propose(prompt), "verify": verify, "step": step,
-               "tokens_baseline": lambda: base.predict(prompt, decode=False)}
-        for a, eng in forced.items():
-            ops[f"tokens_a{a}"] = (lambda e=eng: e.predict(prompt, decode=False))
-        ops["baseline"] = lambda: base.predict(prefill())
-        for a, eng in forced.items():
-            ops[f"strict_a{a}"] = (lambda e=eng: e.predict(prefill()))
-        ms = {}
-        for name, fn in ops.items():
-            if name in ("draft", "verify", "step", "tokens_baseline"):  # re-attach the prompt's sequence
-                prompt = prefill()
-                cache = main.new_cache(1)
-                main.score(prompt, consistent, cache)
-            ms[name] = timed(fn, args.backbone_iters, args.backbone_warmup, device)
-            print(f"    vla_llm [{accel}] {name}: {ms[name]['median']:.3f} ms", flush=True)
-    base_ms = ms["baseline"]["median"]
-    step_ms, verify_ms, draft_ms = ms["step"]["median"], ms["verify"]["median"], ms["draft"]["median"]
-    speed = {}
-    for a in VLA_FORCED:
-        steps = 4 if a == 3 else 7 - a
-        parts = draft_ms + verify_ms + steps * step_ms
-        tok = ms[f"tokens_a{a}"]["median"]
-        speed[a] = {"chunk_ms": ms[f"strict_a{a}"]["median"], "speedup": base_ms / ms[f"strict_a{a}"]["median"],
-                    "ideal_llm_forwards": 7 / (8 - a), "tokens_ms": tok,
-                    "tokens_speedup": ms["tokens_baseline"]["median"] / tok,
-                    "parts_ms": parts, "overhead_ms": tok - parts, "llm_steps_after_verify": steps}
-    res = {"info": info, "setup_s": time.perf_counter() - t0, "ms": ms, "prompt_tokens": length,
-           "new_params_m": round(sum(v.numel() for v in main.new_parameters().values()) / 1e6, 2),
-           "strict_check": equal, "forced": speed,
-           "baseline_tokens": {"ms": ms["tokens_baseline"]["median"], "parts_ms": 7 * step_ms,
-                               "overhead_ms": ms["tokens_baseline"]["median"] - 7 * step_ms},
-           "decode_ms": {"baseline": base_ms - ms["backbone"]["median"]},
-           "per_action_ms": {"baseline": base_ms / CHUNK_LEN, **{f"strict_a{a}": v["chunk_ms"] / CHUNK_LEN
-                                                                 for a, v in speed.items()}}}
-    if profile is not None:
-        expected = sum(p * speed[a]["chunk_ms"] for a, p in enumerate(profile["p"]))
-        res["profile"] = {**profile, "expected_chunk_ms": expected, "speedup": base_ms / expected,
-                          "ideal_llm_forwards": 7 / sum(p * (8 - a) for a, p in enumerate(profile["p"]))}
-    return res
-
-
-def run_child(cmd: list[str], out_path: Path, timeout: float) -> dict:
-    """Run ``cmd`` (a child benchmark that writes its row as JSON to ``out_path``) and return that row; a child
-    that dies (a signal such as SIGSEGV, a non-zero exit, a timeout) gives a row with the reason instead."""
-    import signal
-    import subprocess
-
-    t0 = time.perf_counter()
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or "")[-2000:] if isinstance(exc.stdout, str) else ""
-        return {"info": {"fallback": f"child process timed out after {timeout:.0f} s", "isolated": True},
-                "child": {"returncode": None, "output_tail": tail}, "setup_s": time.perf_counter() - t0}
-    if res.stdout:
-        print("\n".join("    | " + line for line in res.stdout.rstrip().splitlines()[-40:]), flush=True)
-    if res.returncode == 0 and out_path.is_file():
-        row = json.loads(out_path.read_text())
-        for key in ("forced", "strict_check"):  # JSON made the forced accepted lengths strings
-            if isinstance(row.get(key), dict):
-                row[key] = {int(k) if str(k).isdigit() else k: v for k, v in row[key].items()}
-        row.setdefault("info", {})["isolated"] = True
-        return row
-    rc = res.returncode
-    why = (f"child process killed by signal {signal.Signals(-rc).name}" if rc < 0
-           else f"child process exited with code {rc}")
-    err = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    if err and rc > 0:
-        why += f": {err[-1][:300]}"
-    return {"info": {"fallback": why, "isolated": True},
-            "child": {"returncode": rc, "output_tail": (res.stdout + res.stderr)[-2000:]},
-            "setup_s": time.perf_counter() - t0}
-
-
-def vla_targets(vla_rows: dict, head_rows: list[dict], ar_action_ms: float) -> dict:
-    """The issue's targets for design 2 and for the faster design per action (best mode of each)."""
-    ok = {k: r for k, r in vla_rows.items() if "ms" in r}
-    out = {}
-    if ok:
-        best = max(ok.items(), key=lambda kv: kv[1].get("profile", {}).get("speedup", kv[1]["forced"][3]["speedup"]))
-        sp = best[1].get("profile", {}).get("speedup")
-        out["vla_llm_speedup_at_profile"] = {"target": f">= {TARGET_VLA_SPEEDUP}x", "mode": best[0], "value": sp,
-                                             "met": None if sp is None else sp >= TARGET_VLA_SPEEDUP}
-        vla_pa = min(min(r["per_action_ms"].values()) for r in ok.values())
-    else:
-        vla_pa = float("inf")
-    head_pa = min((m["per_action_ms"] for r in head_rows for m in r.get("chunk_summary", {}).get("modes", {}).values()),
-                  default=float("inf"))
-    faster = min(vla_pa, head_pa)
-    out["faster_design_per_action_vs_openvla_ar"] = {
-        "target": f">= {TARGET_AR_RATIO:.0f}x", "design": "vla_llm" if vla_pa < head_pa else "head",
-        "per_action_ms": faster, "openvla_ar_ms": ar_action_ms, "value": ar_action_ms / faster,
-        "met": ar_action_ms / faster >= TARGET_AR_RATIO}
-    return out
-
-
-def print_vla_tables(name: str, dt: str, vla: dict) -> None:
-    print(f"\nvla_llm design (the VLA's LLM decodes the 8 layers; {dt}, batch 1, median ms) on {name}:\n")
-    print("| cache | backbone (prefill) | draft | verify (3 pos.) | step | baseline chunk | a=0 | a=1 | a=2 | a=3 "
-          "| profile chunk |")
-    print("|---|" + "---|" * 10)
-    for accel, r in vla["rows"].items():
-        if "ms" not in r:
-            print(f"| {accel} | failed: {r['info']['fallback']} |" + " |" * 9)
-            continue
-        ms = r["ms"]
-        prof = r.get("profile", {}).get("expected_chunk_ms")
-        print(f"| {accel} | {ms['backbone']['median']:.3f} | {ms['draft']['median']:.3f} | {ms['verify']['median']:.3f} "
-              f"| {ms['step']['median']:.3f} | {ms['baseline']['median']:.3f} | "
-              + " | ".join(f"{ms[f'strict_a{a}']['median']:.3f}" for a in VLA_FORCED)
-              + f" | {'-' if prof is None else f'{prof:.3f}'} |")
-    print("\nspeedup per chunk over the same model's baseline (measured / ideal in LLM forwards 7/(8-a)):\n")
-    print("| cache | a=0 | a=1 | a=2 | a=3 | at the CPU profile |")
-    print("|---|---|---|---|---|---|")
-    for accel, r in vla["rows"].items():
-        if "ms" not in r:
-            continue
-        f = r["forced"]
-        prof = r.get("profile")
-        print(f"| {accel} | " + " | ".join(f"{f[a]['speedup']:.2f}x / {f[a]['ideal_llm_forwards']:.2f}x"
-                                           for a in VLA_FORCED)
-              + (f" | {prof['speedup']:.2f}x / {prof['ideal_llm_forwards']:.2f}x |" if prof else " | - |"))
-    print("\ndecode only (prompt prefilled once), median ms: measured vs its parts (draft + verify + steps x step); "
-          "overhead = measured - parts:\n")
-    print("| cache | baseline (7 steps) | a=0 | a=1 | a=2 | a=3 | a=3 speedup (ideal 1.40x) | strict check: accepted "
-          "a=0..3 | verify vs steps, tokens differing in layers 0..2 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for accel, r in vla["rows"].items():
-        if "ms" not in r:
-            continue
-        f, bt, chk = r["forced"], r["baseline_tokens"], r["strict_check"]
-        print(f"| {accel} | {bt['ms']:.3f} (+{bt['overhead_ms']:.3f}) | "
-              + " | ".join(f"{f[a]['tokens_ms']:.3f} (parts {f[a]['parts_ms']:.3f}, +{f[a]['overhead_ms']:.3f})"
-                           for a in VLA_FORCED)
-              + f" | {f[3]['tokens_speedup']:.2f}x | "
-              + " / ".join(str(chk[a]["accepted"]) for a in VLA_FORCED)
-              + f" | {chk['verify_vs_steps_tokens_differing']} |")
-    for key, t in vla["targets"].items():
-        met = t.get("met")
-        state = "not measured" if met is None else ("met" if met else "NOT met")
-        val = t.get("value")
-        print(f"target {key}: {t['target']}: {'-' if val is None else f'{val:.2f}x'} -> {state}"
-              + (f" (design {t['design']}, {t['per_action_ms']:.3f} ms vs {t['openvla_ar_ms']:.3f} ms per action)"
-                 if "design" in t else ""))
 
 
 def cpu_name() -> str:
@@ -645,7 +199,7 @@ def bench_backbone(backbone: OpenVLAShapedBackbone, obs: dict, args, device: tor
         }
         ms = {}
         for name, fn in ops.items():
-            ms[name] = timed(fn, iters, warmup, device)
+            ms[name] = time_calls(fn, iters, warmup, device)
             print(f"  {name}: {ms[name]['median']:.3f} ms", flush=True)
     return {"ms": ms, "tokens": int(embeds.shape[1]), "hidden_finite": bool(torch.isfinite(hidden).all()),
             "ar_action_tokens": int(action_tokens.shape[1])}
@@ -699,30 +253,6 @@ def build_models(args, dtype: torch.dtype, device: torch.device):
     return main.to(device=device, dtype=dtype).eval(), draft.to(device=device, dtype=dtype).eval()
 
 
-def timed(fn, iters: int, warmup: int, device: torch.device) -> dict:
-    """Median / p10 / p90 milliseconds of ``fn()``, each call on its own: on CUDA, events around the call on
-    an idle GPU, then a synchronize (the latency of one call, not the throughput of queued calls)."""
-    for _ in range(warmup):
-        fn()
-    ms = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-        ms = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            ms.append(1e3 * (time.perf_counter() - t0))
-    q = np.percentile(ms, [10, 90])
-    return {"median": statistics.median(ms), "p10": float(q[0]), "p90": float(q[1])}
-
-
 def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torch.device,
                backbone=None, obs=None, tokenizer=None) -> dict:
     """The call-by-call ops; with ``backbone`` (``hidden`` = its output on ``obs``) also the engines' per-chunk
@@ -756,7 +286,7 @@ def bench_mode(main, draft, hidden: torch.Tensor, accel: str, args, device: torc
         }
         step()
         setup_s = time.perf_counter() - t0
-        res = {name: timed(fn, args.iters, args.warmup, device) for name, fn in ops.items()}
+        res = {name: time_calls(fn, args.iters, args.warmup, device) for name, fn in ops.items()}
         check = {"tokens": greedy.cpu(), "drafted": drafted.cpu(), "a3_tokens": out_a3.tokens.cpu(),
                  "a0_tokens": out_a0.tokens.cpu()}
     extra = {}
@@ -792,7 +322,7 @@ def bench_fused_head(main, tokenizer, hidden: torch.Tensor, accel: str, args, de
     with torch.inference_mode():
         ref = engine.predict(hidden)
         tokens, actions = head(hidden)
-        ms = timed(lambda: head(hidden), args.iters, args.warmup, device)
+        ms = time_calls(lambda: head(hidden), args.iters, args.warmup, device)
     return {"info": dict(head.info), "setup_s": time.perf_counter() - t0, "ms": ms,
             "tokens_equal_engine": bool(torch.equal(tokens, ref.tokens)),
             "tokens_differing": int((tokens != ref.tokens).sum()), "tokens_total": int(tokens.numel()),

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsd.engine.acceptance import strict_accept
 from rsd.engine.action_space import (
     IntervalTailBound,
     action_distance,
@@ -17,7 +18,6 @@ from rsd.engine.action_space import (
     normalized_decoder,
     pad_prefix,
 )
-from rsd.engine.acceptance import strict_accept
 from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.models.main_decoder import RFSQMainDecoder
 from rsd.tokenizer.layout import layers_to_codes

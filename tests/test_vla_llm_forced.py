@@ -19,7 +19,8 @@ import torch
 from margins import LOGIT_MARGIN, assert_tokens_equal_up_to_near_ties, top2_gap
 
 from rsd.engine.rsd_engine import RSDInferenceEngine
-from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain, crop_cache, self_consistent_prefix
+from rsd.models.hf_cache import crop_cache
+from rsd.models.vla_llm_main import LLMPrompt, VLALLMMain, self_consistent_prefix
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _llm(dtype: torch.dtype):
 def _prompt(lm, seed: int = 1, static: bool = False) -> LLMPrompt:
     from transformers import StaticCache
 
-    from rsd.models.vla_llm_main import cache_kwarg
+    from rsd.models.hf_cache import cache_kwarg
 
     e = torch.randn(1, P, 64, generator=torch.Generator().manual_seed(seed)).to(lm.dtype)
     kw = cache_kwarg(lm)
@@ -108,7 +109,7 @@ def _emulate_shape_dependent_rounding(lm) -> None:
 
 
 def test_forced_acceptance_in_bfloat16_accepts_exactly_a_layers() -> None:
-    bench = runpy.run_path(str(ROOT / "scripts" / "benchmark_gpu_latency.py"), run_name="bench")
+    bench = runpy.run_path(str(ROOT / "scripts" / "benchmark_gpu_vla_llm.py"), run_name="bench")
     lm, main = _llm(torch.bfloat16)
     _emulate_shape_dependent_rounding(lm)
     with torch.inference_mode():

@@ -27,11 +27,11 @@ from margins import LOGIT_MARGIN, assert_tokens_equal_up_to_near_ties, top2_gap 
 
 from rsd.engine.rsd_engine import RSDInferenceEngine  # noqa: E402
 from rsd.models.draft import RFSQDraftModelWithProjection  # noqa: E402
+from rsd.models.hf_cache import cache_length  # noqa: E402
 from rsd.models.vla_llm_main import (  # noqa: E402
     LLMPrompt,
     VLALLMMain,
     VLAPromptBackbone,
-    cache_length,
     load_vla_llm_main,
     save_vla_llm_main,
 )

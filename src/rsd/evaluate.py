@@ -176,6 +176,9 @@ def check_eval_config(cfg: DictConfig) -> None:
             raise ConfigError(str(exc)) from exc
     if cfg.get("policy") is None:
         raise ConfigError("no policy: use policy=<name> (conf/policy/: engine, vla_llm, expert, noop, replay)")
+    if cfg.policy.get("baseline_depth") is not None and mode != "both":
+        raise ConfigError(f"policy.baseline_depth={cfg.policy.baseline_depth} sets the baseline's depth in mode=both "
+                          f"(a paired depth comparison); with mode={mode} use policy.depth")
     check_policy_spec(_container(cfg.policy))
 
 

@@ -152,6 +152,31 @@ def test_engine_options_reach_the_engine_under_their_names_and_fail_at_build():
         EnginePolicy(object(), draft, main, None, decoding={"depth": 0})
 
 
+def test_baseline_depth_gives_the_baseline_its_own_depth_and_is_checked_before_any_episode():
+    """mode=both policy.baseline_depth=8: one run compares depth 2 (speculative) with all 8 layers (baseline),
+    paired; the option is refused where it would do nothing and checked against the main model at build."""
+    from rsd.evaluate import check_eval_config
+    from rsd.policies.engine_policy import EnginePolicy, engine_options
+
+    spec = {**engine_group_defaults(), "factory": "engine", "depth": 2, "baseline_depth": 8}
+    opts = engine_options(spec)
+    assert opts["baseline_depth"] == 8 and opts["decoding"]["depth"] == 2
+    main, draft = _engine_models()
+    pol = EnginePolicy(object(), draft, main, None, **opts)
+    assert pol.engine_for("speculative").depth == 2 and pol.engine_for("baseline").depth == 8
+    assert EnginePolicy(object(), draft, main, None, decoding={"depth": 2}).engine_for("baseline").depth == 2
+    main.trained_layers = 3  # a main model trained for layers 0-2 cannot decode 8
+    with pytest.raises(ValueError, match=r"policy options \(baseline_depth\): depth 8 needs layers"):
+        EnginePolicy(object(), draft, main, None, **opts)
+    with pytest.raises(ConfigError, match=r"policy.baseline_depth=9"):
+        check_policy_spec({**spec, "baseline_depth": 9})
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["policy.baseline_depth=8"])
+        with pytest.raises(ConfigError, match="with mode=speculative use policy.depth"):
+            check_eval_config(cfg)
+        check_eval_config(compose(config_name="eval", overrides=["policy.baseline_depth=8", "mode=both"]))
+
+
 def _engine_models():
     import torch
 

@@ -36,186 +36,29 @@ from typing import Any
 import numpy as np
 
 from rsd import PROJECT_ROOT
-from rsd.data.heldout import SAME_SCENE_TOL, nearest_scene
+from rsd.data.attempts import close_cached_env, load_part, part_paths, run_attempt, worker_init
+from rsd.data.collect_summary import SUMMARY_JSON, build_summary, format_table, write_summary
 from rsd.data.libero_hdf5 import (
     IMAGE_OBS_KEYS,
     DemoSchemaError,
-    Episode,
     demo_path,
     summarize_demo_file,
     write_demo_file,
 )
-from rsd.data.record import noise_scales, run_expert_episode
+from rsd.data.record import noise_scales
 from rsd.envs.expert import SUPPORTED_SUITES
-from rsd.envs.libero_env import get_init_states, get_task, make_env, num_tasks, scene_seed_for, seeded_reset
+from rsd.envs.libero_env import get_init_states, get_task, num_tasks
 from rsd.utils.config import CONFIG_DIR  # registers the ${rsd_root:} resolver
 from rsd.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-DEFAULT_OUT_DIR = PROJECT_ROOT / "data" / "demos"
-SUMMARY_JSON = "collect_summary.json"
-SUMMARY_MD = "collect_summary.md"
-
-# ----------------------------------------------------------------------------------------------------
-# Worker side: one env per task, reused across that task's episodes.
-
-_ENV_CACHE: dict[str, Any] = {}
-
-
-def _worker_init() -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-
-
-def _close_cached_env() -> None:
-    env = _ENV_CACHE.pop("env", None)
-    _ENV_CACHE.clear()
-    if env is not None:
-        try:
-            env.close()
-        except Exception:  # noqa: BLE001 - closing a dead env must not stop the collection
-            pass
-
 
 INIT_SOURCES = ("generated", "official")
 #: Attempts per task when ``max_attempts`` is null and scenes are generated: failures and rejections
 #: are rare (the expert solves ~99 %), so twice the demos is plenty.
 GENERATED_ATTEMPT_FACTOR = 2
 
-
-def _get_env(suite: str, task_id: int, images: bool, resolution: int):
-    key = (suite, task_id, images, resolution)
-    if _ENV_CACHE.get("key") != key:
-        _close_cached_env()
-        task = get_task(suite, task_id)
-        _ENV_CACHE.update(
-            key=key,
-            task=task,
-            env=make_env(task, images=images, resolution=resolution),
-            init_states=get_init_states(suite, task_id),
-        )
-    return _ENV_CACHE["env"], _ENV_CACHE["task"], _ENV_CACHE["init_states"]
-
-
-def _part_paths(parts_dir: Path, init_index: int) -> tuple[Path, Path]:
-    return parts_dir / f"init_{init_index:03d}.json", parts_dir / f"init_{init_index:03d}.npz"
-
-
-def _scene(env, init_states: np.ndarray, init_source: str, task_id: int, index: int, seed_base: int
-           ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The start scene of attempt ``index`` and what to record about it (see the module docstring)."""
-    if init_source == "official":
-        return np.asarray(init_states[index], dtype=np.float64), {"init_source": "official",
-                                                                   "official_index": int(index)}
-    seed = scene_seed_for(seed_base, task_id, index)
-    seeded_reset(env, seed)
-    scene = env.sim.get_state().flatten().copy()
-    nearest, dist = nearest_scene(scene, init_states)
-    return scene, {"init_source": "generated", "scene_seed": seed, "nearest_official": nearest,
-                   "official_distance": round(dist, 6)}
-
-
-def run_attempt(
-    suite: str, task_id: int, init_index: int, images: bool, resolution: int, parts_dir: str,
-    init_source: str = "generated", seed_base: int = 100_000, action_noise: float = 0.0,
-) -> dict[str, Any]:
-    """Run the expert from attempt ``init_index``'s scene (in a worker); save the episode if it succeeded.
-
-    ``init_source=official``: the task's fixed init state ``init_index``; ``generated``: a new scene from
-    seed :func:`scene_seed_for`, rejected (``rejected`` set, no episode) when it coincides with an
-    official init state. ``action_noise`` > 0 injects DART noise (``rsd.data.record``), seeded by the scene's
-seed (``official``: by the state's index). Returns the attempt record (also written as ``init_XXX.json`` in ``parts_dir``).
-    """
-    parts = Path(parts_dir)
-    parts.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    try:
-        env, task, init_states = _get_env(suite, task_id, images, resolution)
-        scene, origin = _scene(env, init_states, init_source, task_id, init_index, seed_base)
-        base = {"task_id": task_id, "init_index": init_index, **origin}
-        if origin.get("official_distance", np.inf) < SAME_SCENE_TOL:
-            record = {**base, "success": False, "rejected": True, "num_steps": 0,
-                      "seconds": round(time.perf_counter() - t0, 3), "error": None,
-                      "log": [f"scene coincides with official init state {origin['nearest_official']}"]}
-            _part_paths(parts, init_index)[0].write_text(json.dumps(record))
-            return record
-        official_index = origin.get("official_index")
-        # a generated scene was just reset into; resetting again would re-sample it
-        noise_seed = origin.get("scene_seed", init_index)
-        roll = run_expert_episode(env, task, scene, official_index, images=images,
-                                  reset=init_source == "official", action_noise=action_noise,
-                                  noise_seed=noise_seed)
-        record = {
-            **base,
-            "success": bool(roll.success),
-            "num_steps": int(roll.num_steps),
-            "seconds": round(time.perf_counter() - t0, 3),
-            "error": roll.error,
-            "log": roll.log[-12:],
-            "action_noise": float(action_noise),
-        }
-        if roll.success:
-            _, npz = _part_paths(parts, init_index)
-            arrays = {
-                "actions": roll.actions,
-                "states": roll.states,
-                "robot_states": roll.robot_states,
-                "rewards": roll.rewards,
-                "dones": roll.dones,
-                "init_state": roll.init_state,
-                "scene_state": scene,
-            }
-            if roll.executed_actions is not None:
-                arrays["executed_actions"] = roll.executed_actions
-            arrays.update({f"obs/{k}": v for k, v in roll.obs.items()})
-            tmp = npz.with_name(npz.stem + ".tmp.npz")
-            (np.savez_compressed if images else np.savez)(tmp, **arrays)
-            os.replace(tmp, npz)
-    except Exception as exc:  # noqa: BLE001 - a broken env is recorded, the collection goes on
-        _close_cached_env()
-        record = {
-            "task_id": task_id,
-            "init_index": init_index,
-            "success": False,
-            "num_steps": 0,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "error": f"{type(exc).__name__}: {exc}",
-            "log": [],
-        }
-    js, _ = _part_paths(parts, init_index)
-    js.write_text(json.dumps(record))
-    return record
-
-
-def _load_part(parts_dir: Path, init_index: int, record: dict[str, Any]) -> Episode:
-    _, npz = _part_paths(parts_dir, init_index)
-    with np.load(npz) as z:
-        obs = {k[len("obs/") :]: z[k] for k in z.files if k.startswith("obs/")}
-        attrs: dict[str, Any] = {"rsd_init_source": record.get("init_source", "official"),
-                                 "rsd_scene_state": z["scene_state"] if "scene_state" in z.files
-                                 else z["init_state"]}
-        if record.get("init_source") == "generated":
-            attrs.update(rsd_scene_seed=int(record["scene_seed"]),
-                         rsd_official_distance=float(record["official_distance"]))
-        if "executed_actions" in z.files:  # DART: replay needs what the env executed
-            attrs.update(rsd_action_noise=float(record.get("action_noise", 0.0)),
-                         rsd_executed_actions=z["executed_actions"])
-        return Episode(
-            actions=z["actions"],
-            states=z["states"],
-            obs=obs,
-            robot_states=z["robot_states"],
-            rewards=z["rewards"],
-            dones=z["dones"],
-            init_state=z["init_state"],
-            init_state_index=init_index if record.get("init_source", "official") == "official" else None,
-            attrs=attrs,
-        )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Parent side: scheduling, bookkeeping, files and the summary.
+DEFAULT_OUT_DIR = PROJECT_ROOT / "data" / "demos"
 
 
 class _TaskRun:
@@ -260,7 +103,7 @@ class _TaskRun:
             i = int(rec["init_index"])
             if rec.get("error") and not rec.get("success"):
                 continue  # rerun attempts that crashed
-            if rec.get("success") and not _part_paths(self.parts_dir, i)[1].exists():
+            if rec.get("success") and not part_paths(self.parts_dir, i)[1].exists():
                 continue
             self.records[i] = rec
 
@@ -417,7 +260,7 @@ def collect_suite(
         path = demo_path(out_root, suite, task.name)
         if kept:
             write_demo_file(
-                path, task, (_load_part(run.parts_dir, i, run.records[i]) for i in kept), images=images,
+                path, task, (load_part(run.parts_dir, i, run.records[i]) for i in kept), images=images,
                 resolution=resolution, extra_attrs=_file_attrs(init_source, scene_seed, run.demos, stats, action_noise),
             )
             stats["file"] = str(path)
@@ -455,7 +298,7 @@ def collect_suite(
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init) as pool:
                 futures: dict[Future, tuple[_TaskRun, int]] = {}
 
                 def submit_all() -> None:
@@ -487,12 +330,12 @@ def collect_suite(
     finally:
         if bar is not None:
             bar.close()
-        _close_cached_env()
+        close_cached_env()
 
     rows = [stats_by_task[t] for t in task_ids if t in stats_by_task]
-    summary = _summary(suite, demos_per_task, images, workers, rows, time.time() - t_start, suite_dir)
+    summary = build_summary(suite, demos_per_task, images, workers, rows, time.time() - t_start, suite_dir)
     if runs or not (suite_dir / SUMMARY_JSON).exists():  # a rerun that only skipped keeps the last record
-        _write_summary(summary, suite_dir)
+        write_summary(summary, suite_dir)
     print(format_table(summary))
     return summary
 
@@ -538,64 +381,6 @@ def _tick(bar, run: _TaskRun) -> None:
         bar.total = max(bar.total, bar.n + 1)
         bar.update(1)
         bar.set_postfix_str(f"task {run.task_id}: {run.successes} ok", refresh=False)
-
-
-def _summary(suite: str, demos_per_task: int, images: bool, workers: int, rows: list[dict], wall: float,
-             suite_dir: Path) -> dict[str, Any]:
-    attempts = sum(int(r.get("attempts") or 0) for r in rows)
-    successes = sum(int(r.get("successes") or 0) for r in rows)
-    return {
-        "suite": suite,
-        "demos_per_task": demos_per_task,
-        "images": images,
-        "init_source": rows[0].get("init_source", "official") if rows else None,
-        "workers": workers,
-        "out_dir": str(suite_dir),
-        "wall_time_s": round(wall, 1),
-        "attempts": attempts,
-        "successes": successes,
-        "success_rate": round(successes / attempts, 4) if attempts else None,
-        "tasks": rows,
-    }
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The per-task table as Markdown."""
-    lines = [
-        f"Scripted-expert collection: {summary['suite']}, {summary['demos_per_task']} demos/task, "
-        f"images={summary['images']}, workers={summary['workers']}, init states: "
-        f"{summary.get('init_source', 'official')}, wall time {summary['wall_time_s']:.0f} s",
-        "",
-        "| task | name | attempts | successes | success rate | mean length | note |",
-        "|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for r in summary["tasks"]:
-        rate = r.get("success_rate")
-        mean = r.get("mean_episode_length")
-        note = "existing file" if r.get("skipped") else ""
-        if r.get("failed_init_states"):
-            what = "failed attempts" if r.get("init_source") == "generated" else "failed init states"
-            note = (note + "; " if note else "") + what + " " + ",".join(map(str, r["failed_init_states"]))
-        if r.get("rejected_scenes"):
-            note = (note + "; " if note else "") + f"{r['rejected_scenes']} scenes rejected (= an official state)"
-        lines.append(
-            f"| {r.get('task_id')} | {r.get('name')} | {r.get('attempts', '-')} | {r.get('successes', '-')} | "
-            f"{'-' if rate is None else f'{100 * rate:.1f} %'} | {'-' if mean is None else mean} | {note} |"
-        )
-    rate = summary.get("success_rate")
-    lines.append(
-        f"| all | | {summary['attempts']} | {summary['successes']} | "
-        f"{'-' if rate is None else f'{100 * rate:.1f} %'} | | |"
-    )
-    return "\n".join(lines)
-
-
-def _write_summary(summary: dict[str, Any], suite_dir: Path) -> None:
-    (suite_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
-    (suite_dir / SUMMARY_MD).write_text(format_table(summary) + "\n")
-    parts = suite_dir / ".parts"
-    if parts.is_dir() and not any(parts.iterdir()):
-        parts.rmdir()
 
 
 def main() -> None:

@@ -17,11 +17,13 @@ synchronizes once and reads the elapsed times. ``total`` is the wall time from `
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 
@@ -90,3 +92,27 @@ def make_timer(device: torch.device | str | None = None) -> CpuTimer:
     if device is not None and torch.device(device).type == "cuda":
         return CudaTimer(device)
     return CpuTimer()
+
+
+def time_calls(fn, iters: int, warmup: int, device: torch.device) -> dict:
+    """Median / p10 / p90 milliseconds of ``fn()``, each call on its own: on CUDA, events around the call on
+    an idle GPU, then a synchronize (the latency of one call, not the throughput of queued calls)."""
+    for _ in range(warmup):
+        fn()
+    ms = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+        ms = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            ms.append(1e3 * (time.perf_counter() - t0))
+    q = np.percentile(ms, [10, 90])
+    return {"median": statistics.median(ms), "p10": float(q[0]), "p90": float(q[1])}

@@ -74,6 +74,8 @@ def engine_summary(records: Sequence[Mapping[str, Any]]) -> dict:
         if "main_steps" in totals else None
     out["main_steps_saved_per_inference"] = _ratio(totals.get("main_steps_saved"), inferences) \
         if "main_steps_saved" in totals else None
+    out["decoded_layers_per_inference"] = _ratio(totals.get("decoded_layers"), inferences) \
+        if "decoded_layers" in totals else None
     acc, dra = totals.get("accepted_per_layer"), totals.get("drafted_per_layer")
     if isinstance(acc, list) and isinstance(dra, list) and len(acc) == len(dra):
         out["acceptance_per_layer"] = [_ratio(a, d) for a, d in zip(acc, dra, strict=True)]
@@ -322,6 +324,8 @@ def format_guide_summary(summary: Mapping[str, Any]) -> str:
             lines.append(f"     Mean Accepted Layers / Chunk: {eng['mean_accepted_layers']:.2f}")
         if eng.get("main_steps_per_inference") is not None:
             lines.append(f"     Main Steps / Chunk: {eng['main_steps_per_inference']:.2f}")
+        if eng.get("decoded_layers_per_inference") is not None:
+            lines.append(f"     Decoded Layers / Chunk: {eng['decoded_layers_per_inference']:.2f}")
         lines.append(bar)
     cmp_ = summary.get("comparison")
     if cmp_:

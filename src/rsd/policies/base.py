@@ -40,7 +40,9 @@ NUM_LAYERS = 8
 DECODING_KEYS = ("depth", "early_exit", "exit_epsilon", "chance_entropy", "tail_bounds", "draft_layers")
 #: Every decoding option of a decoding policy: the keys of its config group (conf/policy/engine.yaml) that go to
 #: ``rsd.engine.RSDInferenceEngine`` under the same name (``acceptance`` is the engine's ``mode``).
-ENGINE_OPTION_KEYS = ("acceptance", "delta", "tau", "epsilon", "accelerate", "adaptive", *DECODING_KEYS)
+#: ``baseline_depth`` is the baseline engine's own depth in ``mode=both`` (null: ``depth``), to compare depths paired.
+ENGINE_OPTION_KEYS = ("acceptance", "delta", "tau", "epsilon", "accelerate", "adaptive", "baseline_depth",
+                      *DECODING_KEYS)
 
 #: Per-inference statistics the summary knows how to report (others are summed and kept as they are).
 #: Times in milliseconds; layer counts are per chunk.

@@ -168,7 +168,7 @@ class EnginePolicy:
                  acceptance: str = "strict", delta: int | None = 1, tau: float | None = None,
                  chunk_len: int = 8, info: Mapping[str, Any] | None = None, accelerate: str = "eager",
                  adaptive: bool = False, epsilon: float | None = None,
-                 decoding: Mapping[str, Any] | None = None) -> None:
+                 decoding: Mapping[str, Any] | None = None, baseline_depth: int | None = None) -> None:
         if acceptance not in ACCEPTANCE_RULES:
             raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}")
         if acceptance == "epsilon" and epsilon is None:
@@ -180,6 +180,8 @@ class EnginePolicy:
         self.device, self.acceptance, self.delta, self.tau = device, acceptance, delta, tau
         self.epsilon = epsilon
         self.decoding = {k: v for k, v in dict(decoding or {}).items() if v is not None}
+        #: the baseline engine's depth when it differs from the speculative one's (a paired depth comparison)
+        self.baseline_depth = None if baseline_depth is None else int(baseline_depth)
         self.chunk_len = int(chunk_len)
         self.accelerate = accelerate
         if adaptive and acceptance != "strict":
@@ -192,24 +194,31 @@ class EnginePolicy:
         self._check_options()
 
     def _new_engine(self, mode: str, accelerate: str):
+        decoding = dict(self.decoding)
+        if mode == "baseline" and self.baseline_depth is not None:
+            decoding["depth"] = self.baseline_depth
         return RSDInferenceEngine(
             self.main, self.draft if mode == "speculative" else None, self.tokenizer,
             mode="baseline" if mode == "baseline" else self.acceptance, delta=self.delta, tau=self.tau,
             epsilon=self.epsilon, gripper_dim=6, backbone=self._encode, device=self.device,
-            accelerate=accelerate, adaptive=self.adaptive and mode == "speculative", **self.decoding)
+            accelerate=accelerate, adaptive=self.adaptive and mode == "speculative", **decoding)
 
     def _check_options(self) -> None:
         """Every option against the models, now (when the policy is built, before any episode), so a bad value
         stops the evaluation instead of failing every episode: one engine is built eagerly (kept when the
         policy runs eager; with ``accelerate`` the accelerated engines are built at their first episode)."""
-        mode = "speculative" if self.draft is not None else "baseline"
-        try:
-            engine = self._new_engine(mode, "eager")
-        except ValueError as exc:
-            raise ValueError(f"policy options: {exc}") from exc
-        if self.accelerate == "eager":
-            self._engines[mode] = engine
-            self.info[f"accelerate_{mode}"] = engine.accelerate_info
+        modes = ["speculative" if self.draft is not None else "baseline"]
+        if self.baseline_depth is not None and modes[0] != "baseline":
+            modes.append("baseline")  # its own depth: checked against the main model too
+        for mode in modes:
+            try:
+                engine = self._new_engine(mode, "eager")
+            except ValueError as exc:
+                raise ValueError(f"policy options{' (baseline_depth)' if mode == 'baseline' and len(modes) > 1 else ''}"
+                                 f": {exc}") from exc
+            if self.accelerate == "eager":
+                self._engines[mode] = engine
+                self.info[f"accelerate_{mode}"] = engine.accelerate_info
 
     def _encode(self, observation: tuple[dict, str]):
         obs, instruction = observation
@@ -291,7 +300,7 @@ def engine_options(spec: Mapping[str, Any]) -> dict[str, Any]:
     default). ``delta`` / ``tau`` / ``epsilon`` pass as given (a null ``delta`` means "no level rule")."""
     out: dict[str, Any] = {k: spec[k] for k in ("acceptance", "delta", "tau", "epsilon") if k in spec}
     out.update(accelerate=spec.get("accelerate") or "eager", adaptive=adaptive_setting(spec),
-               decoding=decoding_options(spec))
+               decoding=decoding_options(spec), baseline_depth=spec.get("baseline_depth"))
     return out
 
 

@@ -137,6 +137,7 @@ def check_engine_options(spec: Mapping[str, Any]) -> None:
     if acceptance == "relaxed" and spec.get("delta") is None and spec.get("tau") is None:
         raise ConfigError("policy.acceptance=relaxed needs policy.delta (levels) and/or policy.tau (a fraction)")
     _int(spec, "depth", 1, NUM_LAYERS)
+    _int(spec, "baseline_depth", 1, NUM_LAYERS)
     early_exit = spec.get("early_exit")
     if early_exit in ("", "none", False):
         early_exit = None

@@ -1,113 +1,23 @@
-"""A scripted pick-and-place expert for LIBERO that reads privileged simulator state.
-
-The expert drives robosuite's ``OSC_POSE`` controller (7-d delta actions in [-1, 1]: dx, dy, dz, droll,
-dpitch, dyaw, gripper with -1 open / +1 close) through a sequence of waypoints computed from object and
-end-effector poses read from the observations and from ``env.sim``. It supports every libero_spatial
-task (all goals are ``(On akita_black_bowl_1 plate_1)``; :class:`BowlPlaceExpert`) and every
-libero_object task (``(In <object> basket_1_contain_region)``; :class:`ObjectInBasketExpert`).
-:func:`make_expert` picks the right one from the task's BDDL goal.
-
-What makes it work (measured while building it):
-
-* Wait until the objects have settled after ``set_init_state`` (init states drop objects a few cm).
-* The bowl (11 cm) is wider than the Panda's opening (8 cm): grasp its rim, fingers closing across the
-  wall, with the closing axis turned radially. The free side of the rim is chosen by checking a
-  height map around the bowl (ray casts against collision geometry) for room for the fingers and hand.
-* P control with a small, capped integral term near the target; orientation control keeps the gripper
-  pointing down at the planned yaw.
-* Close the gripper for a few steps before lifting, verify the bowl rose with the gripper, and retry
-  another side when it did not; a bowl dropped while carried is grasped again.
-* Prefer grasp sides well inside the arm's reach: a stretched arm sits at the elbow singularity, where
-  OSC stalls (bowls on/in the wooden cabinet).
-* Carry the bowl just high enough over the obstacles under its path (ray-cast height profile).
-
-The gripper action is always exactly -1 or +1 (what the evaluation protocol's binarization produces),
-so demonstrations never rely on a half-open gripper.
-
-Build the expert once the episode has started (``rsd.envs.libero_env.reset_to_init_state``: reset, init
-state, warm-up no-ops) and call :meth:`BowlPlaceExpert.act` every step. Recording its episodes as
-demonstrations is ``rsd.data.record``'s job.
-"""
+"""libero_spatial's expert: pick a bowl by its rim and place it on the plate (see ``rsd.envs.expert``)."""
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from rsd.envs.expert.common import (
+    R_DOWN,
+    ROBOT_PREFIXES,
+    ExpertConfig,
+    ExpertError,
+    orientation_error,
+    parse_goal,
+    rot_z,
+    wrap_half_pi,
+)
 from rsd.envs.libero_env import TaskSpec
-
-SUPPORTED_SUITES = ("libero_spatial", "libero_object")
-
-#: World-frame end-effector orientation with the gripper pointing straight down at yaw 0
-#: (the Panda's home orientation; the fingers close along the world y axis).
-_R_DOWN = np.diag([1.0, -1.0, -1.0])
-_ROBOT_PREFIXES = ("robot0_", "gripper0_", "mount0_")
-
-
-class ExpertError(RuntimeError):
-    """The task is not supported by the scripted expert (message says why)."""
-
-
-@dataclass
-class ExpertConfig:
-    """Gains and geometry of the bowl pick-and-place expert (lengths in metres)."""
-
-    kp: float = 20.0  # action per metre of position error (action 1 moves the OSC target 5 cm)
-    ki: float = 0.6  # integral gain (per step, per metre), only near the target
-    integral_zone: float = 0.02  # integrate only when the error is below this
-    integral_cap: float = 0.01  # cap of the accumulated error (metres)
-    k_ori: float = 2.0  # action per radian of orientation error (action 1 = 0.5 rad)
-    max_pos_action: float = 1.0
-    max_ori_action: float = 0.6
-    settle_speed: float = 0.001  # objects are settled below this speed (m/step)
-    settle_max_steps: int = 25
-    rim_radius: float = 0.046  # gripper centre distance from the bowl axis when grasping the rim
-    grasp_height: float = 0.040  # eef height above the bowl's bottom centre when grasping
-    pregrasp_height: float = 0.10  # above the grasp point before descending
-    close_steps: int = 10
-    open_steps: int = 10
-    lift_check: float = 0.03  # the bowl must rise at least this much with the gripper
-    drop_slip: float = 0.03  # the grasp point on the bowl left the gripper by this much: dropped
-    carry_max_action: float = 0.8
-    carry_clearance: float = 0.05  # bowl bottom above obstacles along the carry path
-    place_height: float = 0.012  # bowl bottom above the plate's origin when releasing
-    comfortable_reach: float = 0.70  # grasp points farther than this from the shoulder are penalized
-    shoulder_height: float = 0.333  # Panda shoulder above the robot base
-    n_sides: int = 16  # candidate grasp directions around the rim
-    finger_open_half_gap: float = 0.040  # half the distance between the open fingers' pads
-    finger_below_eef: float = 0.012  # fingertips below the eef site
-    hand_above_eef: float = 0.045  # the hand's underside above the eef site
-    hand_half_length: float = 0.105  # hand extent along the closing axis
-    hand_half_width: float = 0.035  # hand extent across the closing axis
-    # libero_object (ObjectInBasketExpert)
-    obj_min_grasp_above_bottom: float = 0.016  # eef height above the object's bottom at least
-    obj_release_height: float = 0.03  # object bottom above the basket floor when releasing
-
-
-def parse_goal(bddl_file: str) -> tuple[str, str, str]:
-    """The single goal predicate ``(Pred obj target)`` of a BDDL file, e.g. ``("on", "bowl", "plate")``."""
-    text = open(bddl_file).read()
-    m = re.search(r"\(:goal\s*\(And\s*\((\w+)\s+(\S+)\s+(\S+?)\)\s*\)", text, flags=re.IGNORECASE)
-    if m is None:
-        raise ExpertError(f"{bddl_file}: expected a single-predicate goal '(:goal (And (Pred a b)))'.")
-    return m.group(1).lower(), m.group(2), m.group(3)
-
-
-def _rot_z(angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def _wrap_half_pi(angle: float) -> float:
-    """Map a gripper yaw to [-pi/2, pi/2) (the gripper is symmetric under a half turn)."""
-    return (angle + math.pi / 2) % math.pi - math.pi / 2
-
-
-def _orientation_error(desired: np.ndarray, current: np.ndarray) -> np.ndarray:
-    return 0.5 * sum(np.cross(current[:, i], desired[:, i]) for i in range(3))
 
 
 @dataclass
@@ -164,12 +74,12 @@ class BowlPlaceExpert:
         roots = {int(self._m.body_rootid[self._obj_bid])}
         for b in range(self._m.nbody):
             name = mujoco.mj_id2name(self._m, mujoco.mjtObj.mjOBJ_BODY, b) or ""
-            if name.startswith(_ROBOT_PREFIXES):
+            if name.startswith(ROBOT_PREFIXES):
                 roots.add(int(self._m.body_rootid[b]))
         return roots
 
     def _gripper_frame(self) -> tuple[float, float]:
-        """Closing-axis angle at yaw 0 (for ``Rz(yaw) @ _R_DOWN``) and the current (home) yaw."""
+        """Closing-axis angle at yaw 0 (for ``Rz(yaw) @ R_DOWN``) and the current (home) yaw."""
         import mujoco
 
         g1 = mujoco.mj_name2id(self._m, mujoco.mjtObj.mjOBJ_GEOM, "gripper0_finger1_pad_collision")
@@ -179,14 +89,14 @@ class BowlPlaceExpert:
             closing_site = rot.T @ (self._d.geom_xpos[g2] - self._d.geom_xpos[g1])
         else:  # robosuite's Panda gripper closes along the eef site's x axis
             closing_site = np.array([1.0, 0.0, 0.0])
-        c = _R_DOWN @ closing_site
-        rz = rot @ _R_DOWN.T
+        c = R_DOWN @ closing_site
+        rz = rot @ R_DOWN.T
         return math.atan2(c[1], c[0]), math.atan2(rz[1, 0], rz[0, 0])
 
     def _yaw_for(self, side_angle: float) -> float:
         """Gripper yaw closing the fingers along ``side_angle``, within a quarter turn of the home yaw."""
         yaw = side_angle - self._closing_angle
-        return self._home_yaw + _wrap_half_pi(yaw - self._home_yaw)
+        return self._home_yaw + wrap_half_pi(yaw - self._home_yaw)
 
     def _eef(self) -> tuple[np.ndarray, np.ndarray]:
         return self._d.site_xpos[self._eef_site].copy(), self._d.site_xmat[self._eef_site].reshape(3, 3).copy()
@@ -348,7 +258,7 @@ class BowlPlaceExpert:
         a_pos = cfg.kp * err + cfg.ki * cfg.kp * self._integral
         cap = cfg.max_pos_action if max_action is None else max_action
         a_pos = np.clip(a_pos, -cap, cap)
-        ori_err = _orientation_error(_rot_z(self._yaw) @ _R_DOWN, rot)
+        ori_err = orientation_error(rot_z(self._yaw) @ R_DOWN, rot)
         a_ori = np.clip(cfg.k_ori * ori_err, -cfg.max_ori_action, cfg.max_ori_action)
         # An exactly-zero orientation delta would freeze the OSC orientation goal; keep it tiny instead.
         a_ori = np.where(a_ori == 0.0, 1e-6, a_ori)
@@ -365,7 +275,7 @@ class BowlPlaceExpert:
         return float(np.linalg.norm(target - self._eef()[0]))
 
     def _ori_err(self) -> float:
-        return float(np.linalg.norm(_orientation_error(_rot_z(self._yaw) @ _R_DOWN, self._eef()[1])))
+        return float(np.linalg.norm(orientation_error(rot_z(self._yaw) @ R_DOWN, self._eef()[1])))
 
     def _object_positions(self) -> np.ndarray:
         ids = list(self._inner.obj_body_id.values())
@@ -533,155 +443,3 @@ class BowlPlaceExpert:
             slow = 0.5 if abs(pos[2] - z) < 0.04 else None
             return self._servo(target, 1.0, slow)
         return None
-
-
-class ObjectInBasketExpert(BowlPlaceExpert):
-    """libero_object: pick ``obj`` across its narrow side at its centre and drop it into the basket.
-
-    The target is the simulator site ``basket_1_contain_region`` (not in the observations). The grasp
-    axis is the object's narrow horizontal side (principal axes of its collision geometry), or the wide
-    one when that side is blocked and the object still fits the 8 cm opening.
-    """
-
-    @classmethod
-    def supports(cls, pred: str, obj: str, target: str) -> bool:
-        return pred == "in" and target.endswith("contain_region")
-
-    def __init__(self, env, task: TaskSpec, config: ExpertConfig | None = None):
-        super().__init__(env, task, config)
-        import mujoco
-
-        self._target_site = mujoco.mj_name2id(self._m, mujoco.mjtObj.mjOBJ_SITE, self.target)
-        if self._target_site < 0:
-            raise ExpertError(f"Task {task.name}: no simulator site named {self.target!r}.")
-        self._obj_geoms = [
-            g for g in range(self._m.ngeom)
-            if int(self._m.body_rootid[self._m.geom_bodyid[g]]) == int(self._m.body_rootid[self._obj_bid])
-            and (self._m.geom_contype[g] or self._m.geom_conaffinity[g])
-        ]
-
-    def _object_points(self) -> np.ndarray:
-        """Corners of the object's collision geoms' bounding boxes, world frame."""
-        m, d = self._m, self._d
-        signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
-        pts = []
-        for g in self._obj_geoms:
-            c, h = m.geom_aabb[g][:3], m.geom_aabb[g][3:]
-            local = c + signs * h
-            pts.append(d.geom_xpos[g] + local @ d.geom_xmat[g].reshape(3, 3).T)
-        return np.concatenate(pts, axis=0)
-
-    def _plan_grasp(self) -> bool:
-        cfg = self.cfg
-        pts = self._object_points()
-        xy = pts[:, :2]
-        mean = xy.mean(axis=0)
-        cov = np.cov((xy - mean).T)
-        evals, evecs = np.linalg.eigh(cov)
-        axes = [evecs[:, 0], evecs[:, 1]]  # narrow first
-        bottom, top = float(pts[:, 2].min()), float(pts[:, 2].max())
-        z = max(0.5 * (bottom + top), bottom + cfg.obj_min_grasp_above_bottom)
-        candidates = []
-        for rank, u2 in enumerate(axes):
-            proj = (xy - mean) @ u2
-            width = float(proj.max() - proj.min())
-            other = np.array([-u2[1], u2[0]])
-            center = mean + u2 * 0.5 * (proj.max() + proj.min())
-            center = center + other * 0.5 * ((xy - mean) @ other).max() + other * 0.5 * ((xy - mean) @ other).min()
-            if width > 2 * cfg.finger_open_half_gap - 0.006:
-                continue
-            u = np.array([u2[0], u2[1], 0.0])
-            v = np.array([other[0], other[1], 0.0])
-            g = np.array([center[0], center[1], z])
-            fingers = [g + sgn * (cfg.finger_open_half_gap + 0.008) * u + b * v for sgn in (-1, 1) for b in (-0.01, 0.0, 0.01)]
-            h = self._with_visible_collision_geoms(lambda f=fingers: self._max_height(np.array(f), z + 0.35))
-            clearance = (z - cfg.finger_below_eef) - h
-            angle = math.atan2(u[1], u[0])
-            candidates.append((min(clearance, 0.01) - 0.002 * rank, angle, g, clearance))
-        candidates = [c for c in candidates if all(abs(c[1] - a) > 1e-6 for a in self._tried)]
-        if not candidates:
-            return False
-        _, angle, g, clearance = max(candidates, key=lambda c: c[0])
-        self._tried.append(angle)
-        self._yaw = self._yaw_for(angle)
-        self._grasp_pos = g
-        self._obj_top = top
-        self.log.append(f"axis {math.degrees(angle):.0f}deg clearance {clearance:.3f}")
-        return True
-
-    def _site(self) -> np.ndarray:
-        return self._d.site_xpos[self._target_site].copy()
-
-    def _pregrasp_target(self) -> np.ndarray:
-        above = max(self._obj_top + 0.06, self._grasp_pos[2] + self.cfg.pregrasp_height)
-        return np.array([self._grasp_pos[0], self._grasp_pos[1], above])
-
-    def _task_phase(self, pos: np.ndarray) -> np.ndarray | None:
-        """The object's close, lift/carry/lower (one slip check) and regrasp phases; None in others."""
-        cfg = self.cfg
-        if self.phase == "close":
-            if self.phase_t >= cfg.close_steps:
-                obj_pos, obj_rot = self._body(self._obj_bid)
-                self._grip_local = obj_rot.T @ (pos - obj_pos)
-                self._lift_start_z = pos[2]
-                bottom = float(self._object_points()[:, 2].min())
-                self._grip_above_bottom = pos[2] - bottom
-                self._profile_start = obj_pos[:2].copy()
-                self._profile_goal = self._site()[:2]
-                self._profile = self._with_visible_collision_geoms(
-                    lambda: self._carry_profile(self._profile_start, self._profile_goal)
-                )
-                self._set_phase("lift")
-                return self._act()
-            return self._servo(self._grasp_pos, 1.0)
-
-        if self.phase in ("lift", "carry", "lower"):
-            obj_pos, obj_rot = self._body(self._obj_bid)
-            slip = float(np.linalg.norm(obj_pos + obj_rot @ self._grip_local - pos))
-            rose_eef = pos[2] - self._lift_start_z
-            if (self.phase != "lift" or rose_eef > cfg.lift_check) and slip > cfg.drop_slip:
-                self.log.append(f"{'lift failed' if self.phase == 'lift' else 'dropped'} (slip {slip:.3f})")
-                self._set_phase("regrasp")
-                return self._act()
-            site = self._site()
-            need = max(self._clear_height(obj_pos[:2]), site[2])
-            carry_z = need + cfg.carry_clearance + self._grip_above_bottom
-            if self.phase == "lift":
-                target = np.array([self._grasp_pos[0], self._grasp_pos[1], carry_z])
-                if rose_eef > cfg.lift_check and pos[2] > carry_z - 0.02:
-                    self._set_phase("carry")
-                    return self._act()
-                return self._servo(target, 1.0)
-            xy = site[:2] + (pos[:2] - obj_pos[:2])
-            if self.phase == "carry":
-                target = np.array([xy[0], xy[1], carry_z])
-                xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
-                if xy_err < 0.015 or (xy_err < 0.03 and self.phase_t > 10 and self._stall > 8):
-                    self._set_phase("lower")
-                    return self._act()
-                return self._servo(target, 1.0, cfg.carry_max_action)
-            floor = self._with_visible_collision_geoms(lambda: self._height(float(site[0]), float(site[1]), site[2] + 0.3))
-            z = max(floor, site[2] - 0.07) + cfg.obj_release_height + self._grip_above_bottom
-            target = np.array([xy[0], xy[1], z])
-            if self._pos_err(target) < 0.01 or (self.phase_t > 8 and self._stall > 4):
-                self._set_phase("release")
-                return self._act()
-            return self._servo(target, 1.0, 0.6)
-
-        if self.phase == "regrasp":
-            up = np.array([pos[0], pos[1], max(pos[2], self._grasp_pos[2] + cfg.pregrasp_height)])
-            if self.phase_t >= cfg.open_steps:
-                self._tried = []
-                self._set_phase("pregrasp" if self._plan_grasp() else "failed")
-                return self._act()
-            return self._servo(up if self.phase_t >= 3 else pos, -1.0)
-        return None
-
-
-def make_expert(env, task: TaskSpec, config: ExpertConfig | None = None) -> BowlPlaceExpert:
-    """The scripted expert for ``task`` (raises :class:`ExpertError` for unsupported goals)."""
-    pred, obj, target = parse_goal(task.bddl_file)
-    for cls in (BowlPlaceExpert, ObjectInBasketExpert):
-        if cls.supports(pred, obj, target):
-            return cls(env, task, config)
-    return BowlPlaceExpert(env, task, config)  # raises ExpertError with the explanation
