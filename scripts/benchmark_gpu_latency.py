@@ -111,6 +111,7 @@ from rsd.models.draft import RFSQDraftModelWithProjection
 from rsd.models.main_decoder import RFSQMainDecoder
 from rsd.tokenizer.layout import CHUNK_LEN
 from rsd.tokenizer.rfsq import RFSQTokenizer
+from rsd.utils.artifacts import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the design-2 half beside this file
 from benchmark_gpu_vla_llm import (  # noqa: E402
@@ -135,13 +136,7 @@ TARGET_HEAD_PCT = 5.0
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def build_backbone(scale: str, dtype: torch.dtype, device: torch.device, prompt_tokens: int, seed: int):

@@ -17,6 +17,7 @@ from rsd.engine.rsd_engine import RSDInferenceEngine
 from rsd.engine.timing import time_calls
 from rsd.models.backbones.openvla_shaped import OpenVLAShapedBackbone
 from rsd.models.draft import RFSQDraftModelWithProjection
+from rsd.models.hf_cache import crop_cache, output_cache
 from rsd.tokenizer.layout import CHUNK_LEN
 
 #: the issue's target for the faster design per action (shared with the head design's table)
@@ -153,11 +154,9 @@ def _bench_vla_llm(backbone, obs, dtype, device, args, accel, profile, tokenizer
     def prefill() -> LLMPrompt:
         e = backbone.embeddings(obs)
         if static is not None:  # reuse the preallocated cache (static addresses for the graphs): rewind it
-            from rsd.models.hf_cache import crop_cache
-
             crop_cache(static, 0)
         out = lm(inputs_embeds=e, use_cache=True, **({kw: static} if static is not None else {}))
-        cache = static if static is not None else getattr(out, kw, None) or out.past_key_values
+        cache = static if static is not None else output_cache(out)
         return LLMPrompt(out.last_hidden_state[:, -1], cache, length)
 
     with torch.inference_mode():

@@ -32,7 +32,7 @@ from rsd.envs.libero_env import INIT_SOURCES, MAX_STEPS
 from rsd.eval.shard import parse_shard, shard_dirname
 from rsd.policies.base import EVAL_MODES
 from rsd.policies.registry import check_policy_spec
-from rsd.utils.artifacts import code_version, file_sha256, read_artifact
+from rsd.utils.artifacts import code_version, cpu_model, file_sha256, read_artifact
 from rsd.utils.config import CONFIG_DIR
 from rsd.utils.errors import ConfigError, check_composition, report_errors
 
@@ -65,15 +65,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def machine_info() -> dict[str, Any]:
     """The machine a result comes from (CPU model, cores, GPU), recorded in every summary."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "host": platform.node(),
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "host": platform.node(),
                             "python": platform.python_version()}
     try:
         import torch  # recorded only when the policy's stack has it

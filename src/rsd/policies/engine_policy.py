@@ -207,15 +207,14 @@ class EnginePolicy:
         """Every option against the models, now (when the policy is built, before any episode), so a bad value
         stops the evaluation instead of failing every episode: one engine is built eagerly (kept when the
         policy runs eager; with ``accelerate`` the accelerated engines are built at their first episode)."""
-        modes = ["speculative" if self.draft is not None else "baseline"]
-        if self.baseline_depth is not None and modes[0] != "baseline":
-            modes.append("baseline")  # its own depth: checked against the main model too
-        for mode in modes:
+        checks = {"speculative" if self.draft is not None else "baseline": "policy options"}
+        if self.baseline_depth is not None and "baseline" not in checks:
+            checks["baseline"] = "policy options (baseline_depth)"  # its own depth, against the main model too
+        for mode, what in checks.items():
             try:
                 engine = self._new_engine(mode, "eager")
             except ValueError as exc:
-                raise ValueError(f"policy options{' (baseline_depth)' if mode == 'baseline' and len(modes) > 1 else ''}"
-                                 f": {exc}") from exc
+                raise ValueError(f"{what}: {exc}") from exc
             if self.accelerate == "eager":
                 self._engines[mode] = engine
                 self.info[f"accelerate_{mode}"] = engine.accelerate_info

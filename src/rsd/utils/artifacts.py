@@ -58,6 +58,19 @@ def canonical_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform`` elsewhere): which machine a figure came from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def code_version(root: str | os.PathLike = PROJECT_ROOT) -> dict[str, Any]:
     """``{"commit", "dirty"}`` of the git checkout the code runs from (None where there is no git)."""
     def git(*args: str) -> str | None:

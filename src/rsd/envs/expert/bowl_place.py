@@ -271,6 +271,15 @@ class BowlPlaceExpert:
         self._last_err = min(self._last_err, dist)
         return np.concatenate([a_pos, a_ori, [gripper]]).astype(np.float64)
 
+    def _carry(self, target: np.ndarray, pos: np.ndarray, arrived: float, stalled_near: float) -> np.ndarray:
+        """Carry the grasped object toward ``target`` (closed gripper, capped speed); lower it once the gripper is
+        within ``arrived`` metres of the target horizontally, or within ``stalled_near`` and no longer moving."""
+        xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
+        if xy_err < arrived or (xy_err < stalled_near and self.phase_t > 10 and self._stall > 8):
+            self._set_phase("lower")
+            return self._act()
+        return self._servo(target, 1.0, self.cfg.carry_max_action)
+
     def _pos_err(self, target: np.ndarray) -> float:
         return float(np.linalg.norm(target - self._eef()[0]))
 
@@ -429,12 +438,7 @@ class BowlPlaceExpert:
             if self.phase == "carry":
                 need = max(self._clear_height(bowl[:2]), plate[2])
                 z = need + cfg.carry_clearance + grip_above_bottom
-                target = np.array([xy[0], xy[1], z])
-                xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
-                if xy_err < 0.01 or (xy_err < 0.025 and self.phase_t > 10 and self._stall > 8):
-                    self._set_phase("lower")
-                    return self._act()
-                return self._servo(target, 1.0, cfg.carry_max_action)
+                return self._carry(np.array([xy[0], xy[1], z]), pos, 0.01, 0.025)
             z = plate[2] + cfg.place_height + grip_above_bottom
             target = np.array([xy[0], xy[1], z])
             if (self._pos_err(target) < 0.008) or (self.phase_t > 8 and self._stall > 4):

@@ -130,12 +130,7 @@ class ObjectInBasketExpert(BowlPlaceExpert):
                 return self._servo(target, 1.0)
             xy = site[:2] + (pos[:2] - obj_pos[:2])
             if self.phase == "carry":
-                target = np.array([xy[0], xy[1], carry_z])
-                xy_err = float(np.linalg.norm(target[:2] - pos[:2]))
-                if xy_err < 0.015 or (xy_err < 0.03 and self.phase_t > 10 and self._stall > 8):
-                    self._set_phase("lower")
-                    return self._act()
-                return self._servo(target, 1.0, cfg.carry_max_action)
+                return self._carry(np.array([xy[0], xy[1], carry_z]), pos, 0.015, 0.03)
             floor = self._with_visible_collision_geoms(lambda: self._height(float(site[0]), float(site[1]), site[2] + 0.3))
             z = max(floor, site[2] - 0.07) + cfg.obj_release_height + self._grip_above_bottom
             target = np.array([xy[0], xy[1], z])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rsd.models.hf_cache import cache_kwarg
+from rsd.models.hf_cache import cache_kwarg, output_cache
 
 OPENVLA_ACTION_TOKENS = 7  # OpenVLA generates one token per action dimension: prefill + 6 decode steps
 
@@ -118,10 +118,7 @@ class OpenVLAShapedBackbone(torch.nn.Module):
     def generate_from_embeddings(self, embeds: torch.Tensor, num_tokens: int = OPENVLA_ACTION_TOKENS) -> torch.Tensor:
         """Greedy decoding with a KV cache: prefill (last-token logits) + ``num_tokens - 1`` steps -> ``[1, n]``."""
         out = self.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        # the output field follows the argument's name (``cache`` on recent 5.x, ``past_key_values`` before)
-        cache = getattr(out, self._cache_kwarg, None)
-        if cache is None:
-            cache = out.cache if self._cache_kwarg == "past_key_values" else out.past_key_values
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]
         for _ in range(num_tokens - 1):
